@@ -42,11 +42,12 @@ def select_output(out, select=None, *, where: str = "output"):
     """Pick the tensor out of a module's (or model's) output.
 
     ``select``: None (the output must be a tensor), an int index, a str key or field name, or
-    a callable ``out -> Tensor``.
+    a callable ``out -> Tensor``. A tensor output is returned as is unless ``select`` is a
+    callable, so one ``select`` can serve several layers of which only some return tuples.
     """
+    if torch.is_tensor(out) and not callable(select):
+        return out  # an index or key selects inside tuple/dict outputs only, never slices a tensor
     if select is None:
-        if torch.is_tensor(out):
-            return out
         raise TypeError(
             f"{where} is a {_structure(out)}, not a tensor; pass select= (an index, a key or a "
             "callable returning the tensor) to say which part to use"
