@@ -73,14 +73,15 @@ def _normalise_filter(w: np.ndarray, eps: float = 1e-8) -> np.ndarray:
 
 
 def filter_grid(weights: np.ndarray, *, ncols: int | None = None, scale: str = "per_filter",
-                title: str | None = None, fig: Figure | None = None) -> Figure:
+                dead: np.ndarray | None = None, title: str | None = None, fig: Figure | None = None) -> Figure:
     """First-layer filters as a grid of small images.
 
     ``weights``: (C_out, C_in, kh, kw) array (a conv weight). With 3 input channels each filter is
     shown in RGB; otherwise its first channel in grey. ``scale``: ``"per_filter"`` stretches each
     filter to [0, 1] (shape and colour of each filter visible; the usual choice in papers) or
-    ``"global"`` uses one range for all (relative strength visible). All-zero filters are drawn
-    mid-grey with a red frame.
+    ``"global"`` uses one range for all (relative strength visible). ``dead``: optional (C_out,)
+    bool mask (e.g. ``vizlearn.layer1_health(model).dead``); those filters are drawn flat grey with
+    a red frame instead of their stretched numerical noise.
     """
     w = np.asarray(weights, dtype=np.float32)
     if w.ndim != 4:
@@ -88,12 +89,15 @@ def filter_grid(weights: np.ndarray, *, ncols: int | None = None, scale: str = "
     if scale not in ("per_filter", "global"):
         raise ValueError(f"scale must be 'per_filter' or 'global', got {scale!r}")
     tiles = w.transpose(0, 2, 3, 1) if w.shape[1] == 3 else w[:, 0]
-    dead = np.abs(w).reshape(len(w), -1).max(axis=1) < 1e-12
+    dead = np.zeros(len(w), bool) if dead is None else np.asarray(dead, bool)
+    if dead.shape != (len(w),):
+        raise ValueError(f"dead must be a ({len(w)},) bool mask, got shape {dead.shape}")
     if scale == "global":
         m = float(np.abs(w).max()) or 1.0
         tiles = [0.5 + 0.5 * t / m for t in tiles]
     else:
         tiles = [_normalise_filter(t) for t in tiles]
+    tiles = [np.full_like(t, 0.5) if d else t for t, d in zip(tiles, dead)]
     n = len(tiles)
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -115,36 +119,38 @@ def filter_grid(weights: np.ndarray, *, ncols: int | None = None, scale: str = "
     return fig
 
 
-def feature_panel(projections: np.ndarray, patches: np.ndarray, *, labels: Sequence[str] | None = None,
-                  title: str | None = None, per_row: int = 2, fig: Figure | None = None) -> Figure:
+def feature_panel(projections, patches: np.ndarray, *, labels: Sequence[str] | None = None,
+                  title: str | None = None, per_row: int | None = None, fig: Figure | None = None) -> Figure:
     """Zeiler & Fergus Fig. 2 style panel.
 
-    ``projections`` and ``patches``: (F, k, h, w, 3) arrays in [0, 1] (NaN = outside the image):
-    for each of F filters, its k strongest activations projected to pixel space (left block) and
-    the image patches that caused them (right block), each block a sqrt(k) x sqrt(k) mosaic.
-    ``labels``: one caption per filter (e.g. ``"ch 12  max 8.1"``).
+    ``patches``: (F, k, h, w, 3) array in [0, 1] (NaN = outside the image): for each of F filters,
+    the image patches of its k strongest activations. ``projections``: an array of the same shape
+    (their projections to pixel space), or a mapping ``{method name: array}`` to show several
+    projection methods side by side. Each block is a sqrt(k) x sqrt(k) mosaic; per filter the
+    projection block(s) come first, then the patches. ``labels``: one caption per filter.
     """
-    projections = np.asarray(projections)
+    blocks = dict(projections) if isinstance(projections, Mapping) else {"projections": projections}
     patches = np.asarray(patches)
-    if projections.shape[:2] != patches.shape[:2] or projections.ndim != 5:
-        raise ValueError(f"projections and patches must both be (F, k, h, w, 3); got {projections.shape} and {patches.shape}")
-    n_filters, k = projections.shape[:2]
+    for name, arr in blocks.items():
+        arr = np.asarray(arr)
+        if arr.ndim != 5 or arr.shape[:2] != patches.shape[:2]:
+            raise ValueError(f"{name} and patches must both be (F, k, h, w, 3); got {arr.shape} and {patches.shape}")
+    n_filters, k = patches.shape[:2]
     side = math.ceil(math.sqrt(k))
+    width = len(blocks) + 1
+    per_row = per_row or (2 if width == 2 else 1)
     nrows = math.ceil(n_filters / per_row)
-    fig = fig or Figure(figsize=(per_row * 4.4, nrows * 2.3 + (0.5 if title else 0)), layout="constrained")
-    axes = fig.subplots(nrows, per_row * 2, squeeze=False)
+    fig = fig or Figure(figsize=(per_row * width * 2.2, nrows * 2.3 + (0.5 if title else 0)), layout="constrained")
+    axes = fig.subplots(nrows, per_row * width, squeeze=False)
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
         ax.axis("off")
     for f in range(n_filters):
         r, c = divmod(f, per_row)
-        left, right = axes[r, 2 * c], axes[r, 2 * c + 1]
-        left.imshow(mosaic(list(projections[f]), ncols=side), interpolation="nearest")
-        right.imshow(mosaic(list(patches[f]), ncols=side), interpolation="nearest")
         name = labels[f] if labels is not None else f"filter {f}"
-        left.set_title(f"{name}: projections", fontsize=8)
-        right.set_title("image patches", fontsize=8)
+        for b, (method, arr) in enumerate(list(blocks.items()) + [("image patches", patches)]):
+            ax = axes[r, c * width + b]
+            ax.imshow(mosaic(list(np.asarray(arr)[f]), ncols=side), interpolation="nearest")
+            ax.set_title(f"{name}: {method}" if b == 0 else method, fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
@@ -234,7 +240,7 @@ def plot_sanity(result, *, image: int = 0) -> Figure:
         ax.plot(xs, vals.mean(1), "o-", color=color, label=label)
         if vals.shape[1] > 1:
             ax.fill_between(xs, vals.min(1), vals.max(1), color=color, alpha=0.15)
-    ax.set_xticks(xs, [s if len(s) <= 22 else s[:20] + "…" for s in steps], rotation=35, ha="right", fontsize=7)
+    ax.set_xticks(xs, [s.replace(" .. ", "\n.. ") for s in steps], rotation=35, ha="right", fontsize=7)
     ax.set_ylim(min(-0.1, float(np.nanmin(np.r_[ssim.ravel(), rho.ravel()])) - 0.05), 1.05)
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_ylabel("similarity to original")

@@ -497,12 +497,14 @@ def project_units(model, images, layer, units, *, method: str = "deconvnet", chu
     return proj
 
 
-def display_projection(proj, *, eps: float = 1e-8) -> np.ndarray:
+def display_projection(proj, *, eps: float = 1e-8, percentile: float = 100.0) -> np.ndarray:
     """Signed projection -> displayable image in [0, 1], as in the paper's figures.
 
-    Rule: ``0.5 + 0.5 * p / max(max|p|, eps)`` over the whole image (all channels together), so
-    zero is mid-grey, the largest |value| reaches 0 or 1, colour balance is kept, and an all-zero
-    projection (dead filter) is plain grey, never NaN.
+    Rule: ``0.5 + 0.5 * p / max(s, eps)`` over the whole image (all channels together), with
+    ``s`` the ``percentile`` of ``|p|`` (default 100: the max), clipped to [0, 1]; so zero is
+    mid-grey, colour balance is kept, and an all-zero projection (dead filter) is plain grey,
+    never NaN. ``percentile=99`` lets the few strongest pixels saturate so that faint structure
+    becomes visible (what vizlearn's panels use).
 
     ``proj``: ``(C, H, W)`` or ``(1, C, H, W)`` tensor/array -> ``(H, W, C)`` (``(H, W)`` for one
     channel); ``(N, C, H, W)`` with N > 1 -> ``(N, H, W, C)``, each image normalised on its own.
@@ -511,11 +513,13 @@ def display_projection(proj, *, eps: float = 1e-8) -> np.ndarray:
         proj = proj.detach().float().cpu().numpy()
     p = np.asarray(proj, dtype=np.float64)
     if p.ndim == 4 and p.shape[0] > 1:
-        return np.stack([display_projection(q, eps=eps) for q in p])
+        return np.stack([display_projection(q, eps=eps, percentile=percentile) for q in p])
     if p.ndim == 4:
         p = p[0]
     if p.ndim != 3:
         raise ValueError(f"expected a projection (C, H, W) or (N, C, H, W), got shape {p.shape}")
-    scale = max(float(np.nanmax(np.abs(p))) if p.size else 0.0, eps)
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    scale = max(float(np.nanpercentile(np.abs(p), percentile)) if p.size else 0.0, eps)
     img = np.clip(0.5 + 0.5 * p / scale, 0.0, 1.0).transpose(1, 2, 0).astype(np.float32)
     return img[..., 0] if img.shape[2] == 1 else img
