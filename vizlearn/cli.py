@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("names", type=_csv, nargs="?", default=["occlusion"], help="comma-separated experiment names")
     p.add_argument("--images", help="folder of photos; default: built-in sample photos")
-    p.add_argument("--out", default="figures/experiments")
+    p.add_argument("--out", default="figures", help="figures go to OUT/experiments/ (default figures/)")
     return parser
 
 

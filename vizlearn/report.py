@@ -133,7 +133,7 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
             t = feature_tiles(loaded, iset, layer, res, chosen, method=method, crop=crop, batch=batch)
             tiles[method], patches, crop = t.projections, t.patches, t.side  # later methods reuse the crop
         field_ = receptive_field(loaded, layer, input_size=loaded.input_size)
-        labels = [f"{layer} ch {c} (max {res.scores[c, 0]:.2f})" for c in chosen]
+        labels = [f"ch {c}, max {res.scores[c, 0]:.1f}" for c in chosen]
         fname = f"features_{li + 1}_{layer.replace('.', '_').replace(':', '_')}.png"
         figs.save(plot.feature_panel(tiles, patches, labels=labels, per_row=2,
                                      title=f"{loaded.name} {layer}: top-{k} activations of {len(chosen)} filters"),
@@ -220,7 +220,99 @@ def _run_experiments(experiments: Sequence[str], loaded: LoadedModel, photos, ou
     return done
 
 
-EXPERIMENTS: dict = {}
+def _pick(photos, names=("chelsea", "coffee")):
+    chosen = [p for p in photos if p[0] in names]
+    return chosen or list(photos[:2])
+
+
+def _exp_occlusion(loaded, photos, out: Path, figs: Figures) -> dict:
+    from .occlusion import run_occlusion
+
+    results = run_occlusion(loaded, _pick(photos), out / "experiments")
+    names = loaded.categories or ()
+    label = (lambda i: names[i] if names else str(i))
+    figs.items.append(("experiments/occlusion.png",
+                       "Occlusion sensitivity (paper Fig. 7): a grey square slides over each photo. Per row: the "
+                       "photo with one occluder, the total activity of the feature map strongest on the "
+                       f"unoccluded photo (layer {results[0].layer}), that map's projection, P(correct class) and "
+                       "the most probable label per occluder position. The class probability collapses where "
+                       "the object is covered, not where the background is."))
+    return {"layer": results[0].layer, "photos": [
+        {"target": label(r.target), "base_prob": round(float(r.base_prob), 4),
+         "min_prob": round(float(np.nanmin(r.prob)), 4)} for r in results]}
+
+
+def _exp_invariance(loaded, photos, out: Path, figs: Figures) -> dict:
+    from .invariance import run_invariance
+
+    result = run_invariance(loaded, _pick(photos, ("chelsea", "coffee", "motorcycle")), out / "experiments")
+    figs.items.append(("experiments/invariance.png",
+                       "Invariance (paper Fig. 5): vertical translation, scale and rotation of the photos; "
+                       "normalised Euclidean distance between the original and transformed feature vectors at a "
+                       "shallow and a deep layer, and P(original top-1 class)."))
+    return {"layers": list(result.layers)}
+
+
+def _exp_correspondence(loaded, photos, out: Path, figs: Figures) -> dict:
+    from .correspondence import run_correspondence
+
+    run_correspondence(loaded, out / "experiments")
+    figs.items.append(("experiments/correspondence.png",
+                       "Correspondence (paper Table 1): the same part (eyes, nose) masked in several views of the "
+                       "cat versus random boxes; Hamming-based consistency per layer, lower = more consistent."))
+    return {}
+
+
+def _exp_layer1(loaded, photos, out: Path, figs: Figures) -> dict:
+    from .layer1 import run_layer1
+
+    health = run_layer1(loaded, out / "experiments")
+    figs.items.append(("experiments/layer1_health.png",
+                       "Layer-1 health (paper Fig. 6): RMS of each first-layer filter with dead and dominant "
+                       "filters flagged, and the share of each filter's energy in low/mid/high spatial "
+                       "frequencies."))
+    return health.summary()
+
+
+def _exp_evolution(loaded, photos, out: Path, figs: Figures) -> dict:
+    from .evolution import run_evolution
+
+    run_evolution(out / "experiments")
+    figs.items.append(("experiments/evolution.png",
+                       "Feature evolution (paper Fig. 4): a small CNN trained from scratch on scikit-learn digits; "
+                       "for tracked units of each layer, the strongest activation's projection at epochs 1, 2, 5, "
+                       "10, 20, 30, 40, 64. Lower layers settle first."))
+    return {}
+
+
+def _exp_sanity(loaded, photos, out: Path, figs: Figures) -> dict:
+    summary = run_sanity(model=loaded, out=out / "experiments")
+    figs.items.append(("experiments/sanity.png",
+                       f"Sanity check (Adebayo et al. 2018) of the projections of layer {summary['layer']}: the "
+                       "layers are re-initialised from the top down, one step at a time; SSIM and rank correlation "
+                       "between the original and the randomised projections. A method that falls quickly depends on "
+                       "the trained weights; one that stays high is mostly showing the image or the architecture."))
+    return summary
+
+
+EXPERIMENTS: dict = {"occlusion": _exp_occlusion, "sanity": _exp_sanity, "invariance": _exp_invariance,
+                     "correspondence": _exp_correspondence, "layer1": _exp_layer1, "evolution": _exp_evolution}
+
+
+def run_experiments(names: Sequence[str], *, model="efficientnet_lite0", weights="DEFAULT",
+                    images: str | Path | None = None, out: str | Path = "figures/experiments",
+                    device: str = "cpu") -> dict:
+    """``vizlearn experiments``: run the named experiments alone; figures and numbers go to ``out/experiments``
+    and an ``index.html`` to ``out``."""
+    loaded = _load(model, weights, device)
+    photos = sample_photos() if images is None else load_folder(images)[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = Figures(out)
+    done = _run_experiments(names, loaded, photos, out, figs, quiet=False)
+    (out / "experiments.json").write_text(json.dumps(done, indent=1, default=float), encoding="utf-8")
+    figs.write_index(f"vizlearn experiments: {loaded.name}", ", ".join(names))
+    return done
 
 
 def _load(model, weights, device) -> LoadedModel:
