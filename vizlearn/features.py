@@ -132,7 +132,7 @@ def feature_tiles(model: LoadedModel, images: ImageSet, layer: str, result: TopK
     """
     if not (crop in ("effective", "theoretical") or (isinstance(crop, int) and crop >= 1)):
         raise ValueError(f"crop must be 'effective', 'theoretical' or a positive int, got {crop!r}")
-    theory = receptive_field(model, layer, input_size=model.input_size)
+    theory = receptive_field(model, layer, input_size=model.input_size, in_channels=len(model.mean))
     k = result.scores.shape[1]
     units, slots = [], []
     for f, ch in enumerate(channels):
@@ -160,7 +160,8 @@ def feature_tiles(model: LoadedModel, images: ImageSet, layer: str, result: TopK
         raw = crop_patch(proj[u].transpose(1, 2, 0), field_, pos, fill=np.nan)
         pad = np.isnan(raw)
         shown = display_projection(np.where(pad, 0.0, raw).transpose(2, 0, 1), percentile=99.0)
-        shown = np.where(pad, np.nan, shown)
+        shown = np.repeat(shown[..., None], 3, -1) if shown.ndim == 2 else shown[..., :3]  # 1 ch: grey; 4: RGB
+        shown = np.where(pad.any(-1, keepdims=True), np.nan, shown)
         patch = crop_patch(images.images[idx], field_, pos, fill=np.nan)
         proj_tiles[f, j] = _fit_tile(shown, tile)
         patch_tiles[f, j] = _fit_tile(patch, tile)
