@@ -32,7 +32,7 @@ _PRESETS = {
 TILE = 64  # largest tile side stored in results.npz and drawn in panels
 
 
-def default_layers(model, *, n: int = 5, input_size: int = 224) -> list[str]:
+def default_layers(model, *, n: int = 5, input_size: int = 224, in_channels: int = 3) -> list[str]:
     """~``n`` layers from shallow to deep.
 
     Known families (timm EfficientNet, torchvision ResNet) use a preset of stage outputs.
@@ -44,7 +44,7 @@ def default_layers(model, *, n: int = 5, input_size: int = 224) -> list[str]:
     names = set(dict(module.named_modules()))
     if preset and all(p in names for p in preset):
         return list(preset)
-    rows = list_layers(module, input_size=input_size, receptive_fields=False)
+    rows = list_layers(module, input_size=input_size, in_channels=in_channels, receptive_fields=False)
     spatial = [r.name for r in rows if len(r.out_shape) == 3 and ":" not in r.name]
     top = [s for s in spatial if s.count(".") == 0 and s != "features"]
     if "features" in names:

@@ -96,7 +96,8 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
         photos, skipped = sample_photos(), []
     else:
         photos, skipped = load_folder(images)
-    layers = list(layers) if layers else default_layers(loaded, input_size=loaded.input_size)
+    layers = list(layers) if layers else default_layers(loaded, input_size=loaded.input_size,
+                                                          in_channels=len(loaded.mean))
     for name in layers:
         resolve_layer(loaded, name)  # fail early on a typo, before any work
     out = Path(out)
@@ -132,7 +133,7 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
         for method in methods:
             t = feature_tiles(loaded, iset, layer, res, chosen, method=method, crop=crop, batch=batch)
             tiles[method], patches, crop = t.projections, t.patches, t.side  # later methods reuse the crop
-        field_ = receptive_field(loaded, layer, input_size=loaded.input_size)
+        field_ = receptive_field(loaded, layer, input_size=loaded.input_size, in_channels=len(loaded.mean))
         labels = [f"ch {c}, max {res.scores[c, 0]:.1f}" for c in chosen]
         fname = f"features_{li + 1}_{layer.replace('.', '_').replace(':', '_')}.png"
         figs.save(plot.feature_panel(tiles, patches, labels=labels, per_row=2,
