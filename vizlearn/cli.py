@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive_int, default=9, help="top-k activations per filter (default 9)")
     p.add_argument("--filters", type=_positive_int, default=8, help="filters per layer (default 8)")
     p.add_argument("--crops", type=_positive_int, default=8, help="images per photo: whole + random crops (default 8)")
-    p.add_argument("--experiments", type=_csv, default=["occlusion"],
-                   help="comma-separated extra experiments (default: occlusion); 'none' for none")
+    p.add_argument("--experiments", type=_csv, default=["occlusion", "sanity", "layer1"],
+                   help="comma-separated extra experiments from occlusion, sanity, layer1, correspondence, "
+                        "evolution, invariance (default: occlusion,sanity,layer1); 'none' for none")
     p.add_argument("--methods", type=_csv, default=["deconvnet", "guided"],
                    help="projection methods shown side by side: deconvnet, guided, gradient (default deconvnet,guided)")
     p.add_argument("--out", default="figures", help="output folder (default figures/)")

@@ -41,7 +41,9 @@ from .projection import METHODS
 from .receptive_field import receptive_field
 from .topk import top_k
 
-__all__ = ["run_report", "Figures"]
+__all__ = ["run_report", "run_sanity", "run_experiments", "Figures", "EXPERIMENTS", "DEFAULT_EXPERIMENTS"]
+
+DEFAULT_EXPERIMENTS = ("occlusion", "sanity", "layer1")  # the cheap ones; see EXPERIMENTS for all
 
 @dataclass
 class Figures:
@@ -75,7 +77,7 @@ def _progress(msg: str, quiet: bool) -> None:
 def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", weights="DEFAULT",
                images: str | Path | None = None, layers: Sequence[str] | None = None, k: int = 9,
                filters: int = 8, crops: int = 8, out: str | Path = "figures", device: str = "cpu",
-               seed: int = 0, experiments: Sequence[str] = ("occlusion",),
+               seed: int = 0, experiments: Sequence[str] = DEFAULT_EXPERIMENTS,
                methods: Sequence[str] = ("deconvnet", "guided"), quiet: bool = False, progress: bool = True) -> dict:
     """Run the whole report; returns the summary dict also written to ``results.json``."""
     from . import plot
