@@ -34,3 +34,20 @@ def tiny_images():
     """A seeded batch of 4 normalised 3x16x16 images."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(4, 3, 16, 16, generator=g)
+
+
+def write_png16(path, a):
+    """Write a 16-bit PNG by hand (Pillow cannot write 16-bit RGB)."""
+    import struct
+    import zlib
+
+    h, w = a.shape[:2]
+    c = 1 if a.ndim == 2 else a.shape[2]
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))

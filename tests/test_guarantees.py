@@ -20,6 +20,7 @@ import vizlearn
 from vizlearn import plot
 from vizlearn.capture import capture, record_calls, run_to_layer
 from vizlearn.images import to_display
+from conftest import write_png16
 
 
 # ============================================================================ helpers
@@ -557,23 +558,6 @@ def test_dead_filter_gives_grey_tiles_and_finite_figures_with_a_warning():
 
 
 # ============================================================================ case 17
-def _png16(path, a):
-    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB)."""
-    import struct
-    import zlib
-
-    h, w = a.shape[:2]
-    c = 1 if a.ndim == 2 else a.shape[2]
-    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2}[c], 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
-
-
 def test_report_on_folder_with_broken_files_completes_lists_skipped_once_and_counts_them(tmp_path):
     """Case 17 end to end: truncated JPEG, zero-byte file, text file named .png and a 16-bit PNG
     among good photos: run_report completes on the readable ones (the 16-bit PNG is readable),
@@ -594,7 +578,7 @@ def test_report_on_folder_with_broken_files_completes_lists_skipped_once_and_cou
     (folder / "truncated.jpg").write_bytes(full[: len(full) // 3])
     (folder / "zero.png").write_bytes(b"")
     (folder / "text.png").write_text("not an image\n")
-    _png16(folder / "deep16.png", (rng.random((20, 24, 3)) * 65535).astype(np.uint16))
+    write_png16(folder / "deep16.png", (rng.random((20, 24, 3)) * 65535).astype(np.uint16))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()

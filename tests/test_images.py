@@ -1,30 +1,15 @@
 """Image sources and conversions (issue 5 cases 15, 16, 17)."""
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pytest
+from conftest import write_png16
 import torch
 from PIL import Image
 
 from vizlearn.images import (ImageSet, as_rgb, batches, image_set, load_folder, sample_photos,
                              to_display, to_tensor)
 from vizlearn.models import load_model
-
-
-def _png16(path, a):
-    """Write a 16-bit PNG by hand (Pillow cannot write 16-bit RGB)."""
-    h, w = a.shape[:2]
-    c = 1 if a.ndim == 2 else a.shape[2]
-    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +43,10 @@ def test_load_folder_skips_broken_files_and_converts_modes(tmp_path, photos):
     (tmp_path / "e_text.png").write_text("this is not an image\n")
     # 16-bit grayscale and 16-bit RGB PNGs
     g16 = (np.arange(12 * 10).reshape(12, 10) * 500).astype(np.uint16)
-    _png16(tmp_path / "f_gray16.png", g16)
+    write_png16(tmp_path / "f_gray16.png", g16)
     rgb16 = np.zeros((8, 9, 3), np.uint16)
     rgb16[..., 0] = 65535
-    _png16(tmp_path / "g_rgb16.png", rgb16)
+    write_png16(tmp_path / "g_rgb16.png", rgb16)
     # 8-bit grayscale, RGBA (composited on white), palette with a transparent entry
     gray = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (5, 1))
     Image.fromarray(gray, mode="L").save(tmp_path / "h_gray.png")

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .capture import capture
-from .invariance import _prepare_batch
-from .layers import resolve_layer, unwrap_model
-from .occlusion import _load_dataclass, _model_device, _save_dataclass
+from .invariance import _layer_features, _prepare_batch
+from ._results import load_dataclass, save_dataclass
+from .layers import module_device, resolve_layer, unwrap_model
+from .occlusion import _pixel_fill
 from .state import analysis_mode
 
 __all__ = ["CorrespondenceResult", "correspondence", "sign_consistency", "run_correspondence"]
@@ -61,11 +61,11 @@ class CorrespondenceResult:
         return rows
 
     def save(self, path) -> Path:
-        return _save_dataclass(self, path)
+        return save_dataclass(self, path)
 
     @classmethod
     def load(cls, path) -> "CorrespondenceResult":
-        return _load_dataclass(cls, path)
+        return load_dataclass(cls, path)
 
 
 def sign_consistency(eps: np.ndarray) -> tuple[float, float]:
@@ -99,20 +99,15 @@ def _mask(x, boxes, fill_n):
     return xm
 
 
-def _signs(module, x, xm, keys, tol, batch_size):
-    out = {k: [] for k in keys}
-    for i in range(0, x.shape[0], batch_size):
-        with capture(module, keys) as a0:
-            module(x[i:i + batch_size])
-        with capture(module, keys) as a1:
-            module(xm[i:i + batch_size])
-        for k in keys:
-            f0, f1 = a0[k].flatten(1).double(), a1[k].flatten(1).double()
-            eps = f0 - f1
-            scale = f0.abs().amax(1, keepdim=True)
-            s = torch.sign(eps) * (eps.abs() > tol * scale)
-            out[k].append(s.to(torch.int8).cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+def _signs(module, f0, xm, keys, tol, batch_size):
+    """Per layer, (N, D) int8 signs of f(x) - f(xm) (0 where below ``tol`` * max|f(x)|); ``f0`` = f(x)."""
+    f1, _ = _layer_features(module, xm, keys, batch_size)
+    out = {}
+    for k in keys:
+        eps = f0[k] - f1[k]
+        scale = f0[k].abs().amax(1, keepdim=True)
+        out[k] = (torch.sign(eps) * (eps.abs() > tol * scale)).to(torch.int8).cpu().numpy()
+    return out
 
 
 def correspondence(model, images, parts: dict, *, layers, n_random: int = 10, fill=None, mean=None,
@@ -138,22 +133,19 @@ def correspondence(model, images, parts: dict, *, layers, n_random: int = 10, fi
     if n < 2:
         raise ValueError("correspondence needs at least 2 images")
     boxes = {p: _check_boxes(b, n, h, w, p) for p, b in parts.items()}
-    fill_px = tuple(mean) if fill is None else tuple(float(f) for f in np.atleast_1d(fill))
-    if len(fill_px) == 1:
-        fill_px = fill_px * c
-    if len(fill_px) != c:
-        raise ValueError(f"fill has {len(fill_px)} values for {c}-channel images")
-    device = _model_device(module)
+    fill_px, fill_n = _pixel_fill(fill, c, mean, std)
+    device = module_device(module)
     x = x.to(device)
-    fill_n = torch.tensor([(f - m) / s for f, m, s in zip(fill_px, mean, std)], dtype=x.dtype, device=device)
+    fill_n = torch.tensor(fill_n, dtype=x.dtype, device=device)
     rng = np.random.default_rng(seed)
     delta = np.zeros((len(boxes), len(keys)))
     delta_std = np.zeros_like(delta)
     delta_random = np.zeros((len(boxes), n_random, len(keys)))
     random_boxes = {}
     with analysis_mode(module), torch.inference_mode():
+        f0, _ = _layer_features(module, x, keys, batch_size)  # unmasked features, shared by every mask
         for p, (part, b) in enumerate(boxes.items()):
-            signs = _signs(module, x, _mask(x, b, fill_n), keys, tol, batch_size)
+            signs = _signs(module, f0, _mask(x, b, fill_n), keys, tol, batch_size)
             for li, k in enumerate(keys):
                 delta[p, li], delta_std[p, li] = sign_consistency(signs[k])
             bh, bw = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
@@ -162,7 +154,7 @@ def correspondence(model, images, parts: dict, *, layers, n_random: int = 10, fi
                 y0 = rng.integers(0, h - bh + 1)
                 x0 = rng.integers(0, w - bw + 1)
                 rb[r] = np.stack([y0, x0, y0 + bh, x0 + bw], 1)
-                signs = _signs(module, x, _mask(x, rb[r], fill_n), keys, tol, batch_size)
+                signs = _signs(module, f0, _mask(x, rb[r], fill_n), keys, tol, batch_size)
                 for li, k in enumerate(keys):
                     delta_random[p, r, li] = sign_consistency(signs[k])[0]
             random_boxes[part] = rb

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .capture import capture
-from .layers import resolve_layer, unwrap_model
-from .occlusion import _load_dataclass, _model_device, _save_dataclass
+from ._results import load_dataclass, save_dataclass
+from .layers import module_device, resolve_layer, unwrap_model
 from .state import analysis_mode
 
 __all__ = ["FeatureEvolution", "EvolutionResult", "linear_cka_gram", "train_small_cnn_demo", "run_evolution",
@@ -41,12 +41,12 @@ PAPER_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 64)
 
 def linear_cka_gram(k: np.ndarray, l: np.ndarray) -> float:
     """Linear CKA from two (N, N) Gram matrices ``X X^T`` and ``Y Y^T`` (float64, centred here)."""
+    from .similarity import cka_from_grams
+
     k, l = np.asarray(k, dtype=np.float64), np.asarray(l, dtype=np.float64)
     n = k.shape[0]
     h = np.eye(n) - 1.0 / n
-    kc, lc = h @ k @ h, h @ l @ h
-    den = np.linalg.norm(kc) * np.linalg.norm(lc)
-    return float((kc * lc).sum() / den) if den > 0 else float("nan")
+    return cka_from_grams(h @ k @ h, h @ l @ h)
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,11 @@ class EvolutionResult:
         return {"epochs": self.epochs.tolist(), "threshold": threshold, "layers": out}
 
     def save(self, path) -> Path:
-        return _save_dataclass(self, path)
+        return save_dataclass(self, path)
 
     @classmethod
     def load(cls, path) -> "EvolutionResult":
-        return _load_dataclass(cls, path)
+        return load_dataclass(cls, path)
 
 
 def _field_box(module, layer, position, hw, proj, cache):
@@ -225,7 +225,7 @@ class FeatureEvolution:
     def _record(self, module, epoch):
         from .projection import project_units
 
-        device = _model_device(module)
+        device = module_device(module)
         keys = [resolve_layer(module, ly).key for ly in self.layers]
         feats = {k: [] for k in keys}
         with analysis_mode(module), torch.no_grad():

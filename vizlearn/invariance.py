@@ -31,8 +31,9 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .capture import capture, select_output
-from .layers import resolve_layer, unwrap_model
-from .occlusion import _categories, _load_dataclass, _mean_std, _model_device, _save_dataclass, square_crop
+from ._results import load_dataclass, save_dataclass
+from .layers import module_device, resolve_layer, unwrap_model
+from .occlusion import _categories, _mean_std, _pixel_fill, _pixel_input, square_crop
 from .state import analysis_mode
 
 __all__ = ["InvarianceResult", "invariance", "transform_images", "default_steps", "run_invariance"]
@@ -57,11 +58,11 @@ class InvarianceResult:
     class_names: tuple | None = None
 
     def save(self, path) -> Path:
-        return _save_dataclass(self, path)
+        return save_dataclass(self, path)
 
     @classmethod
     def load(cls, path) -> "InvarianceResult":
-        return _load_dataclass(cls, path)
+        return load_dataclass(cls, path)
 
     def summary(self) -> dict:
         """Mean distance per layer and mean probability at the extreme steps, per transform."""
@@ -146,16 +147,10 @@ def _prepare_batch(images, model, mean, std):
         if not isinstance(images, np.ndarray):
             raise TypeError(f"images must be arrays, (name, array) pairs, an ImageSet or a tensor, "
                             f"got {type(images).__name__}")
-        a = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
-        if a.ndim == 3:
-            a = a[..., None]
+        a = images[..., None] if images.ndim == 3 else images
         if a.ndim != 4 or a.shape[-1] not in (1, 3):
             raise ValueError(f"image array must be (N,H,W,C) with C in (1, 3), got shape {images.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError("images contain NaN or infinite values")
-        mean, std = _mean_std(model, mean, std, a.shape[-1])
-        x = (torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
-             - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        x, _, mean, std = _pixel_input(a, model, mean, std)
     if x.shape[0] == 0:
         raise ValueError("no images given")
     if names is None:
@@ -163,17 +158,23 @@ def _prepare_batch(images, model, mean, std):
     return x.contiguous(), names, mean, std
 
 
-def _features(module, x, keys, select, batch_size):
-    """{key: (N, D) float64 flattened features}, (N, K) probabilities."""
+def _layer_features(module, x, keys, batch_size):
+    """({key: (N, D) float64 flattened features}, [model output per batch]), batch by batch."""
     feats = {k: [] for k in keys}
-    probs = []
+    outs = []
     for i in range(0, x.shape[0], batch_size):
         with capture(module, keys) as acts:
-            out = module(x[i:i + batch_size])
-        probs.append(torch.softmax(select_output(out, select, where="model output").float(), 1))
+            outs.append(module(x[i:i + batch_size]))
         for k in keys:
             feats[k].append(acts[k].flatten(1).double())
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(probs)
+    return {k: torch.cat(v) for k, v in feats.items()}, outs
+
+
+def _features(module, x, keys, select, batch_size):
+    """{key: (N, D) float64 flattened features}, (N, K) probabilities."""
+    feats, outs = _layer_features(module, x, keys, batch_size)
+    probs = [torch.softmax(select_output(o, select, where="model output").float(), 1) for o in outs]
+    return feats, torch.cat(probs)
 
 
 def invariance(model, images, *, layers, transforms=TRANSFORMS, steps: dict | None = None, fill=None,
@@ -197,13 +198,8 @@ def invariance(model, images, *, layers, transforms=TRANSFORMS, steps: dict | No
             raise ValueError(f"unknown transform {t!r}; choose from {TRANSFORMS}")
     x, names, mean, std = _prepare_batch(images, model, mean, std)
     c, h = x.shape[1], x.shape[2]
-    fill_px = tuple(mean) if fill is None else tuple(float(f) for f in np.atleast_1d(fill))
-    if len(fill_px) == 1:
-        fill_px = fill_px * c
-    if len(fill_px) != c:
-        raise ValueError(f"fill has {len(fill_px)} values for {c}-channel images")
-    fill_n = [(f - m) / s for f, m, s in zip(fill_px, mean, std)]
-    device = _model_device(module)
+    fill_px, fill_n = _pixel_fill(fill, c, mean, std)
+    device = module_device(module)
     x = x.to(device)
     sweeps = {}
     for t in transforms:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .layers import unwrap_model
-from .occlusion import _load_dataclass, _save_dataclass
+from ._results import load_dataclass, save_dataclass
 
 __all__ = ["Layer1Health", "layer1_health", "first_conv", "band_energy", "run_layer1"]
 
@@ -66,11 +66,11 @@ class Layer1Health:
                 if live.any() else None}
 
     def save(self, path) -> Path:
-        return _save_dataclass(self, path)
+        return save_dataclass(self, path)
 
     @classmethod
     def load(cls, path) -> "Layer1Health":
-        return _load_dataclass(cls, path)
+        return load_dataclass(cls, path)
 
 
 def first_conv(model) -> tuple[str, nn.Module]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerInfo", "LayerRef", "resolve_layer", "list_layers", "layer_names", "unwrap_model"]
+__all__ = ["LayerInfo", "LayerRef", "resolve_layer", "list_layers", "layer_names", "unwrap_model", "module_device"]
 
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
@@ -121,7 +121,7 @@ def list_layers(model, *, input_size: int | tuple = 224, in_channels: int = 3, l
 
     module = unwrap_model(model)
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    x = torch.zeros(1, in_channels, *size, device=_device_of(module))
+    x = torch.zeros(1, in_channels, *size, device=module_device(module))
     names = layer_names(module)
     calls = record_calls(module, names, x)
     rows = []
@@ -140,9 +140,10 @@ def list_layers(model, *, input_size: int | tuple = 224, in_channels: int = 3, l
     return rows
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module, default=None) -> torch.device:
+    """Device of the first parameter (else buffer) of ``module``; ``default`` (CPU if None) when it has neither."""
     for p in module.parameters():
         return p.device
     for b in module.buffers():
         return b.device
-    return torch.device("cpu")
+    return torch.device("cpu") if default is None else default

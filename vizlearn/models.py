@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import module_device
 from .state import eval_mode
 
 __all__ = ["LoadedModel", "load_model", "predict", "imagenet_categories",
@@ -441,14 +442,6 @@ def load_model(name_or_module="efficientnet_lite0", *, weights="DEFAULT", mean=N
                        categories=cats)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def predict(loaded: LoadedModel, images, *, top=5) -> list[list[tuple[str, float]]]:
     """Top-``top`` classes with softmax probabilities for each image.
 
@@ -470,7 +463,7 @@ def predict(loaded: LoadedModel, images, *, top=5) -> list[list[tuple[str, float
             images = list(images)
         images = image_set(list(images), size=loaded.input_size)
     model = loaded.model
-    device = _model_device(model)
+    device = module_device(model)
     out: list[list[tuple[str, float]]] = []
     with eval_mode(model), torch.no_grad():
         for x in batches(images, model=loaded, batch_size=32):

@@ -24,8 +24,6 @@ batched convolution, which is below 1e-6 here).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._results import load_dataclass, save_dataclass
 from .capture import capture, select_output
-from .layers import resolve_layer, unwrap_model
+from .layers import module_device, resolve_layer, unwrap_model
 from .state import analysis_mode
 
 __all__ = ["OcclusionResult", "occlusion", "window_starts", "windows_to_map", "windows_to_label_map", "run_occlusion"]
@@ -44,75 +43,6 @@ __all__ = ["OcclusionResult", "occlusion", "window_starts", "windows_to_map", "w
 # ----------------------------------------------------------------------------------------------
 # small shared helpers (also used by invariance / correspondence / evolution / layer1)
 # ----------------------------------------------------------------------------------------------
-
-def _stem(path) -> Path:
-    p = Path(path)
-    return p.with_suffix("") if p.suffix in (".npz", ".json") else p
-
-
-def _save_dataclass(obj, path) -> Path:
-    """Write a frozen dataclass: arrays (and dicts of arrays) to ``stem.npz``, the rest to ``stem.json``."""
-    stem = _stem(path)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    arrays, meta = {}, {"__class__": type(obj).__name__}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, np.ndarray):
-            arrays[f.name] = v
-        elif isinstance(v, dict) and v and all(isinstance(a, np.ndarray) for a in v.values()):
-            for k, a in v.items():
-                arrays[f"{f.name}/{k}"] = a
-            meta[f.name] = {"__arraydict__": list(v.keys())}
-        else:
-            meta[f.name] = v
-    np.savez_compressed(stem.with_suffix(".npz"), **arrays)
-    stem.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=_json_default))
-    return stem
-
-
-def _json_default(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"cannot write {type(v).__name__} to JSON")
-
-
-def _tuplify(v):
-    if isinstance(v, list):
-        return tuple(_tuplify(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _tuplify(x) for k, x in v.items()}
-    return v
-
-
-def _load_dataclass(cls, path):
-    stem = _stem(path)
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    with np.load(stem.with_suffix(".npz"), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in arrays:
-            kwargs[f.name] = arrays[f.name]
-        elif isinstance(meta.get(f.name), dict) and "__arraydict__" in meta[f.name]:
-            kwargs[f.name] = {k: arrays[f"{f.name}/{k}"] for k in meta[f.name]["__arraydict__"]}
-        elif f.name in meta:
-            kwargs[f.name] = _tuplify(meta[f.name])
-        elif f.default is not dataclasses.MISSING:
-            kwargs[f.name] = f.default
-        else:
-            raise ValueError(f"{stem}: field {f.name!r} missing from the saved {cls.__name__}")
-    return cls(**kwargs)
-
-
-def _model_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
 
 def _mean_std(model, mean, std, channels: int):
     """Mean/std for normalisation: explicit arguments, else the LoadedModel's, else identity."""
@@ -131,6 +61,32 @@ def _mean_std(model, mean, std, channels: int):
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
     return mean, std
+
+
+def _pixel_input(a: np.ndarray, model, mean, std):
+    """Pixel-space images (N, H, W, C), uint8 or float in [0, 1] -> (normalised (N, C, H, W) float32
+    tensor, the pixels as float32 (N, H, W, C), mean, std)."""
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"image array must be float in [0, 1] or uint8, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError("image contains NaN or infinite values")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    mean, std = _mean_std(model, mean, std, a.shape[-1])
+    x = (torch.from_numpy(a).permute(0, 3, 1, 2) - torch.tensor(mean).view(1, -1, 1, 1)) \
+        / torch.tensor(std).view(1, -1, 1, 1)
+    return x.contiguous(), a, mean, std
+
+
+def _pixel_fill(fill, channels: int, mean, std):
+    """Pixel-space fill (a scalar or one value per channel; None = the mean) -> (pixel tuple, normalised tuple)."""
+    fill_px = tuple(mean) if fill is None else tuple(float(f) for f in np.atleast_1d(fill))
+    if len(fill_px) == 1:
+        fill_px = fill_px * channels
+    if len(fill_px) != channels:
+        raise ValueError(f"fill has {len(fill_px)} values for a {channels}-channel image")
+    return fill_px, tuple((f - m) / s for f, m, s in zip(fill_px, mean, std))
 
 
 def _prepare_image(image, mean, std, model):
@@ -154,24 +110,11 @@ def _prepare_image(image, mean, std, model):
         disp = (x * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
         return x[None].clone(), np.ascontiguousarray(disp, dtype=np.float32), mean, std
     if isinstance(image, np.ndarray):
-        a = image
-        if a.dtype == np.uint8:
-            a = a.astype(np.float32) / 255.0
-        elif not np.issubdtype(a.dtype, np.floating):
-            raise TypeError(f"image array must be float in [0, 1] or uint8, got dtype {a.dtype}")
-        if a.ndim == 2:
-            a = a[:, :, None]
+        a = image[:, :, None] if image.ndim == 2 else image
         if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
             raise ValueError(f"image array must be HWC (H, W, 1|3) or HW, got shape {image.shape}")
-        if a.shape[2] == 4:
-            a = a[:, :, :3]
-        if not np.isfinite(a).all():
-            raise ValueError("image contains NaN or infinite values")
-        a = a.astype(np.float32)
-        mean, std = _mean_std(model, mean, std, a.shape[2])
-        x = (torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) - torch.tensor(mean).view(-1, 1, 1)) \
-            / torch.tensor(std).view(-1, 1, 1)
-        return x[None].contiguous(), np.clip(a, 0, 1), mean, std
+        x, a, mean, std = _pixel_input(a[None, :, :, :3], model, mean, std)  # RGBA: alpha dropped
+        return x, np.clip(a[0], 0, 1), mean, std
     raise TypeError(f"image must be a numpy array (HWC, pixel space) or a torch tensor (normalised), "
                     f"got {type(image).__name__}")
 
@@ -287,11 +230,11 @@ class OcclusionResult:
         return int((~self.covered).sum())
 
     def save(self, path) -> Path:
-        return _save_dataclass(self, path)
+        return save_dataclass(self, path)
 
     @classmethod
     def load(cls, path) -> "OcclusionResult":
-        return _load_dataclass(cls, path)
+        return load_dataclass(cls, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,17 +276,13 @@ def occlusion(model, image, *, target: int | None = None, size: int | None = Non
     chunk = _check_int("chunk", chunk)
     if size > h or size > w:
         raise ValueError(f"occluder size {size} does not fit the {h}x{w} image")
-    fill_t = tuple(float(f) for f in np.atleast_1d(fill))
-    if len(fill_t) == 1:
-        fill_t = fill_t * c
-    if len(fill_t) != c:
-        raise ValueError(f"fill has {len(fill_t)} values for a {c}-channel image")
+    fill_t, fill_n = _pixel_fill(fill, c, mean, std)
     ref = resolve_layer(module, layer) if layer is not None else None
     rows = window_starts(h, size, stride, align_last=align_last)
     cols = window_starts(w, size, stride, align_last=align_last)
-    device = _model_device(module)
+    device = module_device(module)
     x = x.to(device)
-    fill_norm = ((torch.tensor(fill_t) - torch.tensor(mean)) / torch.tensor(std)).to(device, x.dtype)
+    fill_norm = torch.tensor(fill_n, dtype=x.dtype, device=device)
 
     t0 = time.perf_counter()
     with analysis_mode(module), torch.inference_mode():

@@ -68,7 +68,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .capture import run_to_layer, select_output
-from .layers import unwrap_model
+from .layers import module_device, unwrap_model
 from .state import analysis_mode
 
 __all__ = ["project", "project_units", "display_projection", "METHODS"]
@@ -286,14 +286,6 @@ def _as_images(model, images) -> torch.Tensor:
     return images
 
 
-def _device_of(module: nn.Module, default):
-    for p in module.parameters():
-        return p.device
-    for b in module.buffers():
-        return b.device
-    return default
-
-
 # --------------------------------------------------------------------------------------------
 # Planning: rows and rounds
 
@@ -342,7 +334,7 @@ def _run(model, images, layer, units, *, method, chunk, select, output_select, w
     for i, (img, _, _) in enumerate(units):
         if not (-n <= img < n):
             raise ValueError(f"{where}: image index {img} out of range for {n} images")
-    device = _device_of(module, images.device)
+    device = module_device(module, images.device)
     base = images.detach().to(device).clone()  # private copy: the caller's tensor is never touched
     out_proj = torch.zeros((len(units),) + tuple(images.shape[1:]), dtype=images.dtype, device=device)
     values = torch.zeros(len(units), dtype=torch.float64)
@@ -390,7 +382,11 @@ def _run(model, images, layer, units, *, method, chunk, select, output_select, w
                             else:
                                 pos = ()
                         else:
-                            pos = tuple(int(p) for p in pos)
+                            try:
+                                pos = tuple(int(p) for p in pos)
+                            except TypeError:
+                                raise ValueError(f"{where}: position {pos!r} must be a (row, col) tuple of "
+                                                 "ints") from None
                             if len(pos) != len(spatial) or any(not (0 <= p < s) for p, s in zip(pos, spatial)):
                                 raise ValueError(f"{where}: position {pos} does not fit the layer's spatial "
                                                  f"shape {spatial}")
@@ -439,7 +435,9 @@ def _per_image(value, n, what, is_single):
 
 
 def _is_pos(p):
-    return p is None or (isinstance(p, tuple) and all(isinstance(v, (int, np.integer)) for v in p))
+    """One position for all images: None, or a (row, col) tuple/list/1-D array of ints."""
+    return p is None or (isinstance(p, (tuple, list, np.ndarray))
+                         and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p))
 
 
 def project(model, images, layer, channel, position=None, *, method: str = "deconvnet", select=None,

@@ -92,8 +92,9 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
     if not methods or unknown:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods}")
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    loaded = _load(model, weights, device)
+    with torch.random.fork_rng(devices=[]):  # seeds random weights (weights=None), caller's RNG untouched
+        torch.manual_seed(seed)
+        loaded = _load(model, weights, device)
     if images is None:
         photos, skipped = sample_photos(), []
     else:
@@ -127,7 +128,7 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
     summary_layers = {}
     npz = {"image_names": np.array(iset.names), "photo_index": iset.photo_index}
     for li, layer in enumerate(layers):
-        res = results[layer]
+        res = results[resolve_layer(loaded, layer).key]
         chosen = choose_filters(res, filters)
         _progress(f"[{li + 1}/{len(layers)}] projecting {len(chosen)}x{k} units of {layer}", quiet)
         tiles = {}

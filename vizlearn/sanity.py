@@ -198,9 +198,9 @@ def sanity_check(model, images, layer: str, *, channel: int | None = None, metho
             return project(work, images, ref.key, channel, method=method, select=select).cpu().numpy()
 
     base = run()
-    projs, ssims, rhos, names = [base], [], [], ["original"]
-    ssims.append([_similarity(b, b)[0] for b in base])
-    rhos.append([_similarity(b, b)[1] for b in base])
+    projs, names = [base], ["original"]
+    sims = [_similarity(b, b) for b in base]
+    ssims, rhos = [[s for s, _ in sims]], [[r for _, r in sims]]
     for k, group in enumerate(groups, start=1):
         for j, name in enumerate(group):
             _reinit(modules[name], seed * 100003 + k * 1009 + j)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .capture import capture
-from .layers import resolve_layer, unwrap_model
+from .layers import module_device, resolve_layer, unwrap_model
 from .state import analysis_mode
 
 __all__ = ["TopK", "top_k"]
@@ -120,12 +120,6 @@ def _check_k(k) -> int:
     return int(k)
 
 
-def _model_device(module) -> torch.device:
-    for p in list(module.parameters()) + list(module.buffers()):
-        return p.device
-    return torch.device("cpu")
-
-
 def top_k(model, images, layers: str | Sequence[str], k: int = 9, *, batch_size: int = 32, device=None,
           progress: bool = False, select=None) -> dict[str, TopK]:
     """Per channel of each layer, the ``k`` images with the highest spatial-max activation.
@@ -151,7 +145,7 @@ def top_k(model, images, layers: str | Sequence[str], k: int = 9, *, batch_size:
         raise ValueError("layers is empty; name at least one layer (see vizlearn.list_layers(model))")
     refs = [resolve_layer(module, name) for name in layers]
     keys = list(dict.fromkeys(r.key for r in refs))
-    model_dev = _model_device(module)
+    model_dev = module_device(module)
     dev = model_dev if device is None else torch.device(device)
     if dev.type != model_dev.type or (dev.index is not None and model_dev.index is not None
                                        and dev.index != model_dev.index):
