@@ -164,3 +164,12 @@ def test_notebook_runs_top_to_bottom():
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 3
+
+
+def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
+    assert main(["layers", "efficientnet_lite0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out[2:]}
+    assert "conv_stem" in rows and "bn2.drop" in rows
+    assert "32x112x112" in rows["conv_stem"] and "3x3 (2)" in rows["conv_stem"]
+    assert "40x28x28" in rows["blocks.2"] and "67x67 (8)" in rows["blocks.2"]
