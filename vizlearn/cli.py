@@ -67,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="list every layer with kind, output shape and receptive field")
     p.add_argument("model", nargs="?", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None, help="weights are not needed to list layers (default: none)")
+    p.add_argument("--weights", default=None,
+                   help="default none (random init: shapes and receptive fields do not depend on weights)")
     p.add_argument("--input-size", type=_positive_int, default=None, help="input side in pixels (default: model's)")
 
     p = sub.add_parser("predict", help="top-5 classes with probabilities for image files")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or one folder of images")
     _add_model(p)
     p.add_argument("--top", type=_positive_int, default=5)
 
@@ -123,8 +124,15 @@ def _cmd_predict(a) -> None:
     from .images import load_images
     from .models import load_model, predict
 
+    from pathlib import Path
+
+    from .images import load_folder
+
     loaded = load_model(a.model, weights=_weights(a.weights), device=a.device)
-    photos, skipped = load_images(a.images)
+    if len(a.images) == 1 and Path(a.images[0]).is_dir():  # a folder: every image in it
+        photos, skipped = load_folder(a.images[0])
+    else:
+        photos, skipped = load_images(a.images)
     for (name, _), preds in zip(photos, predict(loaded, [img for _, img in photos], top=a.top)):
         print(name)
         for label, p in preds:
@@ -157,10 +165,21 @@ _COMMANDS = {"report": _cmd_report, "layers": _cmd_layers, "predict": _cmd_predi
              "finetune": _cmd_finetune, "experiments": _cmd_experiments}
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"vizlearn: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
     try:
         _COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `vizlearn layers | head`
+        sys.stderr.close()
+        return 0
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, RuntimeError, KeyError) as exc:
         if args.debug:
             raise

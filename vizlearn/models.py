@@ -230,7 +230,7 @@ def _offline_error(what: str, where: str, name: str, extra: str = "") -> Runtime
     return RuntimeError(
         f"cannot download the pretrained weights of {name!r} ({what}) and they are not cached. "
         f"On a machine with internet, download them and put the file at {where}; or pass "
-        f"weights='/path/to/state_dict.pth' (a file saved with torch.save(model.state_dict(), path)); "
+        f"weights='/path/to/state_dict.pth' (CLI: --weights PATH; a file saved with torch.save(model.state_dict(), path)); "
         f"or weights=None for random initialisation.{extra}")
 
 

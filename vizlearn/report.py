@@ -95,14 +95,14 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
     with torch.random.fork_rng(devices=[]):  # seeds random weights (weights=None), caller's RNG untouched
         torch.manual_seed(seed)
         loaded = _load(model, weights, device)
-    if images is None:
-        photos, skipped = sample_photos(), []
-    else:
-        photos, skipped = load_folder(images)
     layers = list(layers) if layers else default_layers(loaded, input_size=loaded.input_size,
                                                           in_channels=len(loaded.mean))
     for name in layers:
         resolve_layer(loaded, name)  # fail early on a typo, before any work
+    if images is None:
+        photos, skipped = sample_photos(), []
+    else:
+        photos, skipped = load_folder(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs = Figures(out)
@@ -201,7 +201,7 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
                      f"{len(photos)} photos ({len(iset.names)} images with crops), layers {', '.join(layers)}; "
                      f"top-{k}; {len(skipped)} files skipped; {elapsed:.0f} s.")
     _progress(f"wrote {len(figs.items)} figures, index.html, results.json and results.npz to {out} "
-              f"in {elapsed:.0f} s" + (f"; skipped {len(skipped)} unreadable files" if skipped else ""), quiet)
+              f"in {elapsed:.0f} s" + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""), quiet)
     return summary
 
 
