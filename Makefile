@@ -29,6 +29,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_projection.py
+	$(BIN)/python benchmarks/bench_occlusion.py --size 64 --stride 32 --chunk 32 --repeats 5
+	$(BIN)/python benchmarks/bench_topk_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
