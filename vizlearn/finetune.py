@@ -47,20 +47,22 @@ import copy
 import csv
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import drift
+from .images import to_tensor
+from .layer1 import first_conv
 from .layers import unwrap_model
-from .similarity import cka_from_grams
 
 __all__ = ["finetune", "FinetuneResult", "model_stages", "find_head", "replace_head", "RECIPES"]
 
@@ -358,30 +360,6 @@ def _jsonable(v):
 
 
 # --------------------------------------------------------------------------- helpers
-def _normalise(images: np.ndarray, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return ((x - m) / s).contiguous()
-
-
-def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
-
-
-def _rel(now: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
-    """(||now - ref|| / ||ref||, angle in degrees, ||now|| / ||ref||); NaN if ref is zero."""
-    n0 = float(ref.norm())
-    if n0 == 0.0 or now.numel() == 0:
-        return float("nan"), float("nan"), float("nan")
-    n1 = float(now.norm())
-    r = float((now - ref).norm()) / n0
-    cos = float(torch.dot(now, ref)) / (n0 * n1) if n1 > 0 else 0.0
-    return r, math.degrees(math.acos(max(-1.0, min(1.0, cos)))), n1 / n0
-
-
 class _Callbacks:
     """Dispatch to user callbacks: objects with optional ``on_batch_end(record)``,
     ``on_epoch_end(info)``, ``on_end(info)`` methods, or callables ``f(event, info)``."""
@@ -425,97 +403,6 @@ class _Log:
         return {"phase": phase, "part": part, "step": int(step), "epoch": int(epoch), "batch_size": int(size),
                 "loss": float(loss), "accuracy": float(acc)}
 
-
-# --------------------------------------------------------------------------- analysis
-class _Probe:
-    """Fixed probe sets and the pretrained reference: centred Grams, top-9 sets, GAP features."""
-
-    def __init__(self, model, stages, target, natural, *, batch_size, cka_pool, k=9):
-        self.model, self.stages, self.k, self.pool, self.bs = model, stages, k, cka_pool, batch_size
-        self.sets = {"target": target, "natural": natural}
-
-    def measure(self, model=None):
-        """Per set: {stage index: (centred Gram (N,N), top-k image indices (C,k), argmax positions
-        (N,C,2) or None, spread (std over images) of each unit's spatial max (C,))}."""
-        model = self.model if model is None else model
-        out = {}
-        for key, x in self.sets.items():
-            if x is None or len(x) < 2:
-                out[key] = None
-                continue
-            feats = _stage_outputs(model, self.stages, x, batch_size=self.bs)
-            self.map_hw = {i: tuple(f.shape[2:4]) if f.ndim == 4 else (1, 1) for i, f in feats.items()}
-            res = {}
-            for i, f in feats.items():
-                if f.ndim == 4:
-                    flat = f.mean(dim=(2, 3)) if self.pool else f.reshape(f.shape[0], -1)
-                    spatial = f.reshape(f.shape[0], f.shape[1], -1)
-                    smax, arg = spatial.max(dim=2)
-                    smean = spatial.mean(dim=2)
-                    pos = torch.stack([arg // f.shape[3], arg % f.shape[3]], dim=-1)
-                else:
-                    flat = f.reshape(f.shape[0], -1)
-                    smax, smean, pos = flat, flat, None
-                xd = flat.double()
-                xd = xd - xd.mean(dim=0, keepdim=True)
-                gram = (xd @ xd.T).numpy()
-                k = min(self.k, smax.shape[0])
-                # rank images per unit by spatial max; ties (ReLU6 saturates at 6) broken by the
-                # spatial mean, then by the lower image index
-                a, b = smax.double().numpy(), smean.double().numpy()
-                top = np.stack([np.lexsort((-b[:, c], -a[:, c]))[:k] for c in range(a.shape[1])])
-                sel = a.std(axis=0)
-                res[i] = (gram, top, None if pos is None else pos.numpy(), sel)
-            out[key] = res
-        return out
-
-
-def _stage_outputs(model, stages, x: torch.Tensor, *, batch_size: int, pool_only=False) -> dict[int, torch.Tensor]:
-    """Run ``x`` through ``model`` in eval mode; outputs of every non-head stage (float32, CPU)."""
-    from .capture import capture
-    from .state import eval_mode
-
-    names = [s.output for s in stages[:-1]]
-    device = next(model.parameters()).device
-    chunks: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(names))}
-    with eval_mode(model), torch.no_grad():
-        for b in range(0, len(x), batch_size):
-            with capture(model, names) as acts:
-                model(x[b:b + batch_size].to(device))
-            for i, n in enumerate(names):
-                a = acts[n].float().cpu()
-                if pool_only and a.ndim == 4:
-                    a = a.mean(dim=(2, 3))
-                chunks[i].append(a)
-    return {i: torch.cat(c) for i, c in chunks.items()}
-
-
-def _stage_probe_accuracy(model, stages, x_tr, y_tr, x_te, y_te, *, batch_size, seed) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    ftr = _stage_outputs(model, stages, x_tr, batch_size=batch_size, pool_only=True)
-    fte = _stage_outputs(model, stages, x_te, batch_size=batch_size, pool_only=True)
-    acc = np.full(len(stages), np.nan)
-    for i in ftr:
-        a, b = ftr[i].reshape(len(x_tr), -1).double().numpy(), fte[i].reshape(len(x_te), -1).double().numpy()
-        sc = StandardScaler().fit(a)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            clf = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(sc.transform(a), y_tr)
-        acc[i] = clf.score(sc.transform(b), y_te)
-    return acc
-
-
-def _unit_boxes(model, layer: str, positions: np.ndarray, size: int) -> np.ndarray:
-    """(k, 2) feature-map positions -> (k, 4) receptive-field boxes (clipped to the image)."""
-    try:
-        from .receptive_field import receptive_field, unit_box
-
-        fld = receptive_field(model, layer, input_size=size)
-        return np.array([unit_box(fld, (int(r), int(c)), (size, size)) for r, c in positions], dtype=np.int64)
-    except Exception:  # noqa: BLE001 - receptive_field unavailable: show whole images
-        return np.tile(np.array([0, 0, size, size], dtype=np.int64), (len(positions), 1))
 
 
 # --------------------------------------------------------------------------- main
@@ -593,24 +480,8 @@ def finetune(
     """
     t_start = time.time()
     recipe, freeze_to = _parse_recipe(recipe, freeze_to)
-    if bn not in ("frozen", "update"):
-        raise ValueError(f"bn must be 'frozen' or 'update', got {bn!r}")
-    if optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
-    for nm, v in (("epochs", epochs), ("batch_size", batch_size), ("probe_steps", probe_steps)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if nm == "epochs" else 1):
-            raise ValueError(f"{nm} must be a positive int, got {v!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    for nm in ("x_train", "y_train", "x_test", "y_test", "classes"):
-        if not hasattr(dataset, nm):
-            raise TypeError(f"dataset must be a vizlearn.datasets.Dataset (missing {nm!r}), got {type(dataset).__name__}")
-    if len(dataset.x_test) < 2 or len(dataset.x_train) < 2:
-        raise ValueError("dataset needs at least 2 training and 2 test images")
+    _check_args(dataset, bn=bn, optimizer=optimizer, schedule=schedule, warmup=warmup, epochs=epochs,
+                batch_size=batch_size, probe_steps=probe_steps, lr=lr)
     if probe is None:
         probe = recipe != "full"
     if recipe == "linear-probe":
@@ -662,6 +533,28 @@ def finetune(
         cbs.end({"runtime_s": time.time() - t_start})
 
 
+def _check_args(dataset, *, bn, optimizer, schedule, warmup, epochs, batch_size, probe_steps, lr):
+    """ValueError/TypeError for bad options of :func:`finetune`."""
+    if bn not in ("frozen", "update"):
+        raise ValueError(f"bn must be 'frozen' or 'update', got {bn!r}")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
+    for nm, v in (("epochs", epochs), ("batch_size", batch_size), ("probe_steps", probe_steps)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if nm == "epochs" else 1):
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    for nm in ("x_train", "y_train", "x_test", "y_test", "classes"):
+        if not hasattr(dataset, nm):
+            raise TypeError(f"dataset must be a vizlearn.datasets.Dataset (missing {nm!r}), got {type(dataset).__name__}")
+    if len(dataset.x_test) < 2 or len(dataset.x_train) < 2:
+        raise ValueError("dataset needs at least 2 training and 2 test images")
+
+
 def _default_natural(size: int) -> np.ndarray | None:
     try:
         from .images import image_set, sample_photos
@@ -673,324 +566,347 @@ def _default_natural(size: int) -> np.ndarray | None:
         return None
 
 
-def _run(src, dataset, config, cbs, bars, handles, t_start, *, recipe, epochs, lr, backbone_lr, lr_range, freeze_to, probe,
-         probe_steps, probe_l2, warmup, schedule, optimizer, weight_decay, momentum, batch_size, bn, mean, std, n_probe,
-         natural_images, cka_pool, stage_probe, track_steps, seed, device, progress, n_classes, size):
-    from tqdm.auto import tqdm
+@dataclass(eq=False)
+class _Session:
+    """Mutable state of one run, shared by its phases (the model copy, references, records)."""
 
-    rng = np.random.default_rng(seed)
-    model = copy.deepcopy(src).to(device)
+    model: nn.Module
+    head: nn.Linear
+    stages: list
+    params: dict  # name -> parameter of the model copy
+    pstage: dict  # name -> stage index
+    stage_params: list  # (G,) parameter names per stage
+    bn_bufs: list  # (G,) BN running-statistic buffer names per stage
+    ref: dict  # pretrained parameters
+    ref_buf: dict  # pretrained buffers
+    sets: dict  # probe sets "target"/"natural": normalised images or None
+    log: _Log
+    cbs: _Callbacks
+    bars: list
+    handles: list
+    pre: dict = field(default_factory=dict)  # pretrained measurement of the probe sets
+    head_ref: dict = field(default_factory=dict)  # head reference: its init, then the unfreeze point
+    step: int = 0
+    unfreeze: int = -1
+    snaps: list = field(default_factory=list)
+    step_rows: list = field(default_factory=list)
+    ref_norm: dict = field(default_factory=dict)
+
+    @property
+    def pnames(self) -> tuple[str, ...]:
+        return tuple(self.params)
+
+    def bases(self) -> list[dict]:
+        """Per stage: parameter name -> reference (the head's own reference for the head)."""
+        H = len(self.stages) - 1
+        return [{n: (self.head_ref[n] if g == H else self.ref[n]) for n in names}
+                for g, names in enumerate(self.stage_params)]
+
+
+def _run(src, dataset, config, cbs, bars, handles, t_start, **opts):
+    o = SimpleNamespace(**opts)
+    rng = np.random.default_rng(o.seed)
+    model = copy.deepcopy(src).to(o.device)
     model.eval()
-    head_name, head = replace_head(model, n_classes)
+    head_name, head = replace_head(model, o.n_classes)
     stages = model_stages(model, head_name)
     G = len(stages)
-    H = G - 1
     pstage = _param_stage_index(model, stages)
     params = dict(model.named_parameters())
-    pnames = tuple(params)
     for p in params.values():
         p.requires_grad_(True)
 
-    x_tr = _normalise(dataset.x_train, mean, std)
-    x_te = _normalise(dataset.x_test, mean, std)
+    x_tr = to_tensor(dataset.x_train, mean=o.mean, std=o.std)
+    x_te = to_tensor(dataset.x_test, mean=o.mean, std=o.std)
     y_tr = torch.as_tensor(np.asarray(dataset.y_train), dtype=torch.long)
     y_te = torch.as_tensor(np.asarray(dataset.y_test), dtype=torch.long)
 
     # fixed probe sets: n_probe test images spread over the test set; natural photos
-    pidx = np.linspace(0, len(x_te) - 1, num=min(n_probe, len(x_te))).round().astype(int)
+    pidx = np.linspace(0, len(x_te) - 1, num=min(o.n_probe, len(x_te))).round().astype(int)
     pidx = np.unique(pidx)
-    if natural_images is None:
-        natural_images = _default_natural(size)
+    natural_images = _default_natural(o.size) if o.natural_images is None else o.natural_images
     nat = None
     if natural_images is not False and natural_images is not None and len(natural_images) >= 2:
-        nat = _normalise(np.asarray(natural_images, dtype=np.float32), mean, std)
-    prober = _Probe(model, stages, x_te[pidx], nat, batch_size=batch_size, cka_pool=cka_pool)
+        nat = to_tensor(np.asarray(natural_images, dtype=np.float32), mean=o.mean, std=o.std)
 
     # ---- pretrained reference
-    ref = {n: p.detach().clone() for n, p in params.items()}
-    ref_buf = {n: b.detach().clone() for n, b in model.named_buffers()}
-    stage_params = [[n for n in pnames if pstage[n] == g] for g in range(G)]
-    bn_bufs = [[n for n, _ in model.named_buffers() if (n.endswith("running_mean") or n.endswith("running_var"))
-                and any(n == m or n.startswith(m + ".") for m in stages[g].modules)] for g in range(G)]
-    conv_name = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)) \
-        if any(isinstance(m, nn.Conv2d) for m in model.modules()) else None
-    pre_measure = prober.measure()
-    probe_before = (_stage_probe_accuracy(model, stages, x_tr, dataset.y_train, x_te, dataset.y_test,
-                                          batch_size=batch_size, seed=seed) if stage_probe else np.full(G, np.nan))
+    s = _Session(
+        model=model, head=head, stages=stages, params=params, pstage=pstage,
+        stage_params=[[n for n in params if pstage[n] == g] for g in range(G)],
+        bn_bufs=[[n for n, _ in model.named_buffers() if (n.endswith("running_mean") or n.endswith("running_var"))
+                  and any(n == m or n.startswith(m + ".") for m in stages[g].modules)] for g in range(G)],
+        ref={n: p.detach().clone() for n, p in params.items()},
+        ref_buf={n: b.detach().clone() for n, b in model.named_buffers()},
+        sets={"target": x_te[pidx], "natural": nat}, log=_Log(G), cbs=cbs, bars=bars, handles=handles)
+    try:
+        conv_name = first_conv(model)[0]
+    except ValueError:
+        conv_name = None
+    s.pre = _measure(s, o)
+    probe_before = (drift.stage_probe_accuracy(model, stages, x_tr, dataset.y_train, x_te, dataset.y_test,
+                                               batch_size=o.batch_size, seed=o.seed)
+                    if o.stage_probe else np.full(G, np.nan))
+    s.head_ref = {n: s.ref[n] for n in s.stage_params[G - 1]}  # head measured from its init until unfreeze
+    _snapshot(s, o, "pretrained", float("nan"))
 
-    head_ref = {n: ref[n] for n in stage_params[H]}  # head measured from its init until unfreeze
-    snaps: list[dict] = []
-    step_rows: list[tuple[int, np.ndarray]] = []
-    log = _Log(G)
-    state = {"step": 0, "unfreeze": -1}
+    if o.probe:
+        _probe_phase(s, o, config, x_tr, y_tr, x_te, y_te)
+    if o.recipe != "linear-probe" and int(o.epochs) > 0:
+        _finetune_phase(s, o, config, rng, x_tr, y_tr, x_te, y_te)
 
-    ref_norm = {}
+    # ---- after: per-stage probe, first-layer filters, units for the top-9 figure
+    probe_after = (drift.stage_probe_accuracy(model, stages, x_tr, dataset.y_train, x_te, dataset.y_test,
+                                              batch_size=o.batch_size, seed=o.seed)
+                   if o.stage_probe else np.full(G, np.nan))
+    if conv_name is not None:
+        fb = s.ref[conv_name + ".weight"].float().numpy()
+        fa = params[conv_name + ".weight"].detach().float().cpu().numpy()
+        cos = drift.filter_cosine(fb, fa)
+    else:
+        fb = fa = np.zeros((0, 3, 1, 1), np.float32)
+        cos = np.zeros(0)
+    units = drift.top9_units(model, stages, s.pre["target"], s.snaps[-1]["meas"]["target"], o.size)
+    return _result(s, config, dataset, pidx, conv_name, fb, fa, cos, probe_before, probe_after, units, t_start)
 
-    def drift_now():
-        d = np.full(G, np.nan)
-        with torch.no_grad():
-            for g in range(G):
-                names = stage_params[g]
-                base = [head_ref[n] if g == H else ref[n] for n in names]
-                key = (g, state["unfreeze"] if g == H else -2)
-                if key not in ref_norm:
-                    ref_norm[key] = math.sqrt(sum(float(torch.sum(b.double() ** 2)) for b in base))
-                num = sum(float(torch.sum((params[n].detach() - b) ** 2, dtype=torch.float64))
-                          for n, b in zip(names, base))
-                d[g] = math.sqrt(num) / ref_norm[key] if ref_norm[key] > 0 else float("nan")
-        return d
 
-    def snapshot(name, acc):
-        meas = prober.measure() if name != "pretrained" else pre_measure
-        row = {"name": name, "step": state["step"], "acc": acc}
-        wc, wa, ws, bm, bv = (np.full(G, np.nan) for _ in range(5))
-        for g in range(G):
-            names = stage_params[g]
-            base = [head_ref[n] if g == H else ref[n] for n in names]
-            wc[g], wa[g], ws[g] = _rel(_flat([params[n] for n in names]), _flat(base))
-            mb = [n for n in bn_bufs[g] if n.endswith("running_mean")]
-            vb = [n for n in bn_bufs[g] if n.endswith("running_var")]
-            bufs = dict(model.named_buffers())
-            if mb:
-                bm[g] = _rel(_flat([bufs[n] for n in mb]), _flat([ref_buf[n] for n in mb]))[0]
-                bv[g] = _rel(_flat([bufs[n] for n in vb]), _flat([ref_buf[n] for n in vb]))[0]
-        pc = np.array([_rel(_flat([params[n]]), _flat([head_ref[n] if pstage[n] == H else ref[n]]))[0]
-                       for n in pnames])
-        row.update(wc=wc, wa=wa, ws=ws, bm=bm, bv=bv, pc=pc, meas=meas)
-        for key in ("target", "natural"):
-            cka = np.full(G, np.nan)
-            ov = np.full(G, np.nan)
-            if meas.get(key) is not None:
-                for g, (gram, top, _, _) in meas[key].items():
-                    g0, t0 = pre_measure[key][g][0], pre_measure[key][g][1]
-                    cka[g] = cka_from_grams(gram, g0)
-                    ov[g] = np.mean([len(set(a) & set(b)) / top.shape[1] for a, b in zip(top, t0)])
-            row["cka_" + key] = cka
-            row["ov_" + key] = ov
-        snaps.append(row)
+def _measure(s: _Session, o) -> dict:
+    return drift.measure_sets(s.model, s.stages, s.sets, batch_size=o.batch_size, cka_pool=o.cka_pool)
 
-    snapshot("pretrained", float("nan"))
 
-    # ---- linear probe on cached pooled features
+def _step_drift(s: _Session) -> np.ndarray:
+    """(G,) relative weight change of every stage now (reference norms cached)."""
+    G = len(s.stages)
+    d = np.full(G, np.nan)
+    for g, base in enumerate(s.bases()):
+        key = (g, s.unfreeze if g == G - 1 else -2)
+        if key not in s.ref_norm:
+            s.ref_norm[key] = math.sqrt(drift.sq_norm(list(base.values())))
+        d[g] = drift.relative_distance([s.params[n] for n in base], list(base.values()), s.ref_norm[key])
+    return d
+
+
+def _snapshot(s: _Session, o, name: str, acc: float):
+    """Record every drift measurement at this point under ``name``."""
+    meas = _measure(s, o) if name != "pretrained" else s.pre
+    bases = s.bases()
+    wc, wa, ws = drift.stage_weight_change(s.params, bases)
+    bm, bv = drift.bn_drift(dict(s.model.named_buffers()), s.ref_buf, s.bn_bufs)
+    pc = drift.param_change(s.params, {n: t for b in bases for n, t in b.items()}, s.pnames)
+    row = {"name": name, "step": s.step, "acc": acc, "wc": wc, "wa": wa, "ws": ws, "bm": bm, "bv": bv,
+           "pc": pc, "meas": meas}
+    row.update(drift.compare_to_reference(meas, s.pre, len(s.stages)))
+    s.snaps.append(row)
+
+
+def _probe_phase(s: _Session, o, config, x_tr, y_tr, x_te, y_te):
+    """Linear probe: the new head alone, fitted on cached pooled features (backbone frozen)."""
+    from tqdm.auto import tqdm
+
+    from .state import eval_mode
+
+    model, head, device, bs = s.model, s.head, o.device, o.batch_size
+
     def head_input(x):
         box = []
         h = head.register_forward_pre_hook(lambda m, a: box.append(a[0].detach().float().cpu()))
-        handles.append(h)
+        s.handles.append(h)
         try:
-            from .state import eval_mode
             with eval_mode(model), torch.no_grad():
-                for b in range(0, len(x), batch_size):
-                    model(x[b:b + batch_size].to(device))
+                for b in range(0, len(x), bs):
+                    model(x[b:b + bs].to(device))
         finally:
             h.remove()
         return torch.cat(box).reshape(len(x), -1)
 
-    if probe:
-        for p in params.values():
-            p.requires_grad_(False)
-        f_tr, f_te = head_input(x_tr), head_input(x_te)
-        hp = [head.weight] + ([head.bias] if head.bias is not None else [])
-        for p in hp:
+    for p in s.params.values():
+        p.requires_grad_(False)
+    f_tr, f_te = head_input(x_tr), head_input(x_te)
+    hp = [head.weight] + ([head.bias] if head.bias is not None else [])
+    for p in hp:
+        p.requires_grad_(True)
+    # L2-regularised multinomial logistic regression on the cached features, full batch,
+    # L-BFGS to convergence: a well-defined optimum with a bounded head norm (an unregularised
+    # or over-trained head makes the first fine-tuning steps blow up).
+    opt = torch.optim.LBFGS(hp, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    f_tr_d, y_tr_d = f_tr.to(device), y_tr.to(device)
+    eval_every = max(1, o.probe_steps // 10)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        ce = F.cross_entropy(head(f_tr_d), y_tr_d)
+        total = ce + 0.5 * o.probe_l2 * head.weight.pow(2).sum()
+        total.backward()
+        return total
+
+    bar = tqdm(total=o.probe_steps, desc=f"{o.recipe}: linear probe", disable=not o.progress, leave=False)
+    s.bars.append(bar)
+    prev, acc = None, float("nan")
+    for it in range(1, o.probe_steps + 1):
+        obj = float(opt.step(closure).detach())
+        s.step += 1
+        with torch.no_grad():
+            out = head(f_tr_d)
+            ce = float(F.cross_entropy(out, y_tr_d))
+            tr_acc = float((out.argmax(1) == y_tr_d).float().mean())
+        s.cbs("batch_end", s.log.add("train", "probe", s.step, 0, len(f_tr), ce, tr_acc))
+        if o.track_steps:
+            s.step_rows.append((s.step, _step_drift(s)))
+        done = prev is not None and abs(prev - obj) <= 1e-7 * max(1.0, abs(obj))
+        prev = obj
+        if it % eval_every == 0 or done or it == o.probe_steps:
+            acc = _eval_head(head, f_te, y_te, bs, device, s.log, s.step, 0, s.cbs)
+            bar.set_postfix(loss=f"{ce:.4f}", acc=f"{acc:.3f}")
+        bar.update(1)
+        if done:
+            break
+    s.cbs("epoch_end", {"part": "probe", "epoch": 0, "accuracy": acc, "loss": ce, "iterations": it})
+    config["probe_iterations"] = it
+    bar.close()
+    for p in hp:
+        p.requires_grad_(False)
+    _snapshot(s, o, "probe", acc)
+
+
+def _stage_lrs(o, G: int) -> dict[int, float]:
+    """Learning rate of each stage in the fine-tuning phase (the recipe's rule)."""
+    lr, H = o.lr, G - 1
+    if o.recipe == "discriminative":
+        lo, hi = o.lr_range if o.lr_range is not None else (lr / 100.0, lr)
+        if not (0 < lo <= hi):
+            raise ValueError(f"lr_range must be (lo, hi) with 0 < lo <= hi, got {o.lr_range!r}")
+        return {g: lo * (hi / lo) ** (g / max(G - 1, 1)) for g in range(G)}
+    if o.recipe == "full":
+        return {g: lr for g in range(G)}
+    # lp-ft, freeze-to: the new head at lr, the pretrained stages at backbone_lr
+    blr = lr / 5.0 if o.backbone_lr is None else o.backbone_lr
+    return {g: (lr if g == H else blr) for g in range(G)}
+
+
+def _optimizer(s: _Session, o, config) -> torch.optim.Optimizer:
+    """Unfreeze the trainable stages; one parameter group per stage at its learning rate."""
+    G = len(s.stages)
+    n_frozen = o.freeze_to if o.recipe == "freeze-to" else 0
+    trainable = [g for g in range(G) if g >= min(n_frozen, G - 1)]
+    glr = _stage_lrs(o, G)
+    groups = []
+    for g in trainable:
+        ps = [s.params[n] for n in s.stage_params[g]]
+        for p in ps:
             p.requires_grad_(True)
-        # L2-regularised multinomial logistic regression on the cached features, full batch,
-        # L-BFGS to convergence: a well-defined optimum with a bounded head norm (an unregularised
-        # or over-trained head makes the first fine-tuning steps blow up).
-        opt = torch.optim.LBFGS(hp, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-        f_tr_d, y_tr_d = f_tr.to(device), y_tr.to(device)
-        eval_every = max(1, probe_steps // 10)
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(head(f_tr_d), y_tr_d)
-            total = ce + 0.5 * probe_l2 * head.weight.pow(2).sum()
-            total.backward()
-            return total
-
-        bar = tqdm(total=probe_steps, desc=f"{recipe}: linear probe", disable=not progress, leave=False)
-        bars.append(bar)
-        prev, acc = None, float("nan")
-        for it in range(1, probe_steps + 1):
-            obj = float(opt.step(closure).detach())
-            state["step"] += 1
-            with torch.no_grad():
-                out = head(f_tr_d)
-                ce = float(F.cross_entropy(out, y_tr_d))
-                tr_acc = float((out.argmax(1) == y_tr_d).float().mean())
-            cbs("batch_end", log.add("train", "probe", state["step"], 0, len(f_tr), ce, tr_acc))
-            if track_steps:
-                step_rows.append((state["step"], drift_now()))
-            done = prev is not None and abs(prev - obj) <= 1e-7 * max(1.0, abs(obj))
-            prev = obj
-            if it % eval_every == 0 or done or it == probe_steps:
-                acc = _eval_head(head, f_te, y_te, batch_size, device, log, state["step"], 0, cbs)
-                bar.set_postfix(loss=f"{ce:.4f}", acc=f"{acc:.3f}")
-            bar.update(1)
-            if done:
-                break
-        cbs("epoch_end", {"part": "probe", "epoch": 0, "accuracy": acc, "loss": ce, "iterations": it})
-        config["probe_iterations"] = it
-        bar.close()
-        for p in hp:
-            p.requires_grad_(False)
-        snapshot("probe", acc)
-        del opt
-
-    # ---- fine-tuning
-    ft_epochs = 0 if recipe == "linear-probe" else int(epochs)
-    if ft_epochs > 0:
-        n_frozen = freeze_to if recipe == "freeze-to" else 0
-        trainable = [g for g in range(G) if g >= min(n_frozen, H)]
-        if recipe == "discriminative":
-            lo, hi = lr_range if lr_range is not None else (lr / 100.0, lr)
-            if not (0 < lo <= hi):
-                raise ValueError(f"lr_range must be (lo, hi) with 0 < lo <= hi, got {lr_range!r}")
-            glr = {g: lo * (hi / lo) ** (g / max(G - 1, 1)) for g in range(G)}
-        elif recipe == "full":
-            glr = {g: lr for g in range(G)}
-        else:  # lp-ft, freeze-to: the new head at lr, the pretrained stages at backbone_lr
-            blr = lr / 5.0 if backbone_lr is None else backbone_lr
-            glr = {g: (lr if g == H else blr) for g in range(G)}
-        groups = []
-        for g in trainable:
-            ps = [params[n] for n in stage_params[g]]
-            for p in ps:
-                p.requires_grad_(True)
-            if ps:
-                groups.append({"params": ps, "lr": glr[g], "name": stages[g].name})
-        config["stage_lr"] = {stages[g].name: (glr[g] if g in trainable else 0.0) for g in range(G)}
-        if optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-        else:
-            opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        for grp in opt.param_groups:
-            grp["base_lr"] = grp["lr"]
-        n_total = ft_epochs * math.ceil(len(x_tr) / batch_size)
-        n_warm = int(round(warmup * n_total))
-
-        def lr_factor(t):  # t = 1 .. n_total
-            if t <= n_warm:
-                return t / n_warm
-            if schedule == "constant":
-                return 1.0
-            return 0.5 * (1.0 + math.cos(math.pi * (t - n_warm) / (n_total - n_warm + 1)))
-
-        ft_step = 0
-        state["unfreeze"] = state["step"]
-        head_ref = {n: params[n].detach().clone() for n in stage_params[H]}
-        act: dict[int, tuple[float, float]] = {}
-
-        def stat_hook(g):
-            def hook(m, i, o):
-                if torch.is_tensor(o):
-                    od = o.detach()
-                    act[g] = (float(od.float().mean()), float(od.float().std()))
-            return hook
-
-        mods = dict(model.named_modules())
-        for g, s in enumerate(stages):
-            handles.append(mods[s.output].register_forward_hook(stat_hook(g)))
-
-        for ep in range(1, ft_epochs + 1):
-            model.train()
-            if bn == "frozen":
-                for m in model.modules():
-                    if isinstance(m, _BN):
-                        m.eval()
-            perm = torch.from_numpy(rng.permutation(len(x_tr)))
-            nb = math.ceil(len(perm) / batch_size)
-            bar = tqdm(total=nb, desc=f"{recipe}: epoch {ep}/{ft_epochs}", disable=not progress, leave=False)
-            bars.append(bar)
-            for b in range(0, len(perm), batch_size):
-                idx = perm[b:b + batch_size]
-                xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
-                act.clear()
-                ft_step += 1
-                for grp in opt.param_groups:
-                    grp["lr"] = grp["base_lr"] * lr_factor(ft_step)
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                state["step"] += 1
-                rec = log.add("train", "finetune", state["step"], ep, len(idx), loss.item(),
-                              float((out.argmax(1) == yb).float().mean()), dict(act))
-                cbs("batch_end", rec)
-                if track_steps:
-                    step_rows.append((state["step"], drift_now()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.close()
-            acc = _eval_model(model, x_te, y_te, batch_size, device, log, state["step"], ep, cbs, act)
-            cbs("epoch_end", {"part": "finetune", "epoch": ep, "accuracy": acc, "model": model})
-            snapshot(f"epoch{ep}", acc)
-        for h in handles:
-            h.remove()
-        handles.clear()
-        model.eval()
-
-    # ---- after: filters, per-stage probe, units for the top-9 figure
-    probe_after = (_stage_probe_accuracy(model, stages, x_tr, dataset.y_train, x_te, dataset.y_test,
-                                         batch_size=batch_size, seed=seed) if stage_probe else np.full(G, np.nan))
-    if conv_name is not None:
-        fb = ref[conv_name + ".weight"].float().numpy()
-        fa = params[conv_name + ".weight"].detach().float().cpu().numpy()
-        a64, b64 = fb.reshape(len(fb), -1).astype(np.float64), fa.reshape(len(fa), -1).astype(np.float64)
-        nb_, na_ = np.linalg.norm(a64, axis=1), np.linalg.norm(b64, axis=1)
-        cos = np.sum(a64 * b64, axis=1) / np.maximum(nb_ * na_, 1e-300)
-        cos[nb_ < 1e-3 * nb_.max()] = np.nan  # (near-)zero filters: direction undefined
+        if ps:
+            groups.append({"params": ps, "lr": glr[g], "name": s.stages[g].name})
+    config["stage_lr"] = {s.stages[g].name: (glr[g] if g in trainable else 0.0) for g in range(G)}
+    if o.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     else:
-        fb = fa = np.zeros((0, 3, 1, 1), np.float32)
-        cos = np.zeros(0)
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    for grp in opt.param_groups:
+        grp["base_lr"] = grp["lr"]
+    return opt
 
-    last = snaps[-1]["meas"]["target"]
-    first = pre_measure["target"]
-    ustage, uch, ub, ua, ubb, uab = [], [], [], [], [], []
-    for g in (0, H - 1):
-        _, top0, pos0, act0 = first[g]
-        _, top1, pos1, _ = last[g]
-        if pos0 is None:
-            continue
-        # the most selective unit under the pretrained network: largest spread of its spatial
-        # max over the probe images (constant units, e.g. zero filters after BN, are never chosen),
-        # preferring units whose top-9 maxima lie inside the map (border maxima are padding effects)
-        fh, fw = _map_hw(prober, g)
-        r_, c_ = pos0[top0, np.arange(top0.shape[0])[:, None], 0], pos0[top0, np.arange(top0.shape[0])[:, None], 1]
-        inside = ((r_ > 0) & (r_ < fh - 1) & (c_ > 0) & (c_ < fw - 1)).mean(axis=1)
-        score = np.where(inside >= 0.5, act0, act0 - np.inf) if (inside >= 0.5).any() else act0
-        ch = int(np.argmax(score))
-        ustage.append(stages[g].name)
-        uch.append(ch)
-        ub.append(top0[ch])
-        ua.append(top1[ch])
-        ubb.append(_unit_boxes(model, stages[g].output, pos0[top0[ch], ch], size))
-        uab.append(_unit_boxes(model, stages[g].output, pos1[top1[ch], ch], size))
+
+def _finetune_phase(s: _Session, o, config, rng, x_tr, y_tr, x_te, y_te):
+    """Fine-tuning: warm-up then cosine/constant schedule, a snapshot after every epoch."""
+    from tqdm.auto import tqdm
+
+    model, device, bs, ft_epochs = s.model, o.device, o.batch_size, int(o.epochs)
+    opt = _optimizer(s, o, config)
+    n_total = ft_epochs * math.ceil(len(x_tr) / bs)
+    n_warm = int(round(o.warmup * n_total))
+
+    def lr_factor(t):  # t = 1 .. n_total
+        if t <= n_warm:
+            return t / n_warm
+        if o.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (t - n_warm) / (n_total - n_warm + 1)))
+
+    ft_step = 0
+    s.unfreeze = s.step
+    s.head_ref = {n: s.params[n].detach().clone() for n in s.stage_params[len(s.stages) - 1]}
+    act: dict[int, tuple[float, float]] = {}
+
+    def stat_hook(g):
+        def hook(m, i, out):
+            if torch.is_tensor(out):
+                od = out.detach()
+                act[g] = (float(od.float().mean()), float(od.float().std()))
+        return hook
+
+    mods = dict(model.named_modules())
+    for g, st in enumerate(s.stages):
+        s.handles.append(mods[st.output].register_forward_hook(stat_hook(g)))
+
+    for ep in range(1, ft_epochs + 1):
+        model.train()
+        if o.bn == "frozen":
+            for m in model.modules():
+                if isinstance(m, _BN):
+                    m.eval()
+        perm = torch.from_numpy(rng.permutation(len(x_tr)))
+        nb = math.ceil(len(perm) / bs)
+        bar = tqdm(total=nb, desc=f"{o.recipe}: epoch {ep}/{ft_epochs}", disable=not o.progress, leave=False)
+        s.bars.append(bar)
+        for b in range(0, len(perm), bs):
+            idx = perm[b:b + bs]
+            xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
+            act.clear()
+            ft_step += 1
+            for grp in opt.param_groups:
+                grp["lr"] = grp["base_lr"] * lr_factor(ft_step)
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            s.step += 1
+            rec = s.log.add("train", "finetune", s.step, ep, len(idx), loss.item(),
+                            float((out.argmax(1) == yb).float().mean()), dict(act))
+            s.cbs("batch_end", rec)
+            if o.track_steps:
+                s.step_rows.append((s.step, _step_drift(s)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        acc = _eval_model(model, x_te, y_te, bs, device, s.log, s.step, ep, s.cbs, act)
+        s.cbs("epoch_end", {"part": "finetune", "epoch": ep, "accuracy": acc, "model": model})
+        _snapshot(s, o, f"epoch{ep}", acc)
+    for h in s.handles:
+        h.remove()
+    s.handles.clear()
+    model.eval()
+
+
+def _result(s: _Session, config, dataset, pidx, conv_name, fb, fa, cos, probe_before, probe_after, units,
+            t_start) -> FinetuneResult:
+    G, snaps, rows = len(s.stages), s.snaps, s.log.rows
 
     def arr(key):
-        return np.array([s[key] for s in snaps], dtype=np.float64)
+        return np.array([r[key] for r in snaps], dtype=np.float64)
 
-    steps = np.array([r[0] for r in step_rows], dtype=np.int64)
-    sd = np.array([r[1] for r in step_rows], dtype=np.float64).reshape(len(step_rows), G)
-    rows = log.rows
-    result = FinetuneResult(
+    def units_arr(key, *shape):
+        return np.array(units[key], dtype=np.int64).reshape(len(units[key]), *shape)
+
+    return FinetuneResult(
         config=config,
-        stages=tuple(s.name for s in stages),
+        stages=tuple(st.name for st in s.stages),
         classes=tuple(dataset.classes),
-        snapshots=tuple(s["name"] for s in snaps),
-        snapshot_step=np.array([s["step"] for s in snaps], dtype=np.int64),
-        unfreeze_step=int(state["unfreeze"]),
+        snapshots=tuple(r["name"] for r in snaps),
+        snapshot_step=np.array([r["step"] for r in snaps], dtype=np.int64),
+        unfreeze_step=int(s.unfreeze),
         weight_change=arr("wc"), weight_angle=arr("wa"), weight_scale=arr("ws"),
         bn_mean_drift=arr("bm"), bn_var_drift=arr("bv"),
         cka_target=arr("cka_target"), cka_natural=arr("cka_natural"),
         topk_overlap_target=arr("ov_target"), topk_overlap_natural=arr("ov_natural"),
-        accuracy=np.array([s["acc"] for s in snaps], dtype=np.float64),
-        param_names=pnames, param_stage=np.array([pstage[n] for n in pnames], dtype=np.int64),
+        accuracy=np.array([r["acc"] for r in snaps], dtype=np.float64),
+        param_names=s.pnames, param_stage=np.array([s.pstage[n] for n in s.pnames], dtype=np.int64),
         param_change=arr("pc"),
         first_conv=conv_name or "",
         filters_before=fb, filters_after=fa, filter_cosine=np.asarray(cos, dtype=np.float64),
         stage_probe_before=np.asarray(probe_before, dtype=np.float64),
         stage_probe_after=np.asarray(probe_after, dtype=np.float64),
-        step=steps, step_drift=sd,
+        step=np.array([r[0] for r in s.step_rows], dtype=np.int64),
+        step_drift=np.array([r[1] for r in s.step_rows], dtype=np.float64).reshape(len(s.step_rows), G),
         log_phase=tuple(r[0] for r in rows), log_part=tuple(r[1] for r in rows),
         log_step=np.array([r[2] for r in rows], dtype=np.int64),
         log_epoch=np.array([r[3] for r in rows], dtype=np.int64),
@@ -999,20 +915,13 @@ def _run(src, dataset, config, cbs, bars, handles, t_start, *, recipe, epochs, l
         log_accuracy=np.array([r[6] for r in rows], dtype=np.float64),
         log_act_mean=np.array([r[7] for r in rows], dtype=np.float64).reshape(len(rows), G),
         log_act_std=np.array([r[8] for r in rows], dtype=np.float64).reshape(len(rows), G),
-        unit_stage=tuple(ustage), unit_channel=np.array(uch, dtype=np.int64),
-        unit_before=np.array(ub, dtype=np.int64).reshape(len(ub), -1),
-        unit_after=np.array(ua, dtype=np.int64).reshape(len(ua), -1),
-        unit_before_box=np.array(ubb, dtype=np.int64).reshape(len(ubb), -1, 4),
-        unit_after_box=np.array(uab, dtype=np.int64).reshape(len(uab), -1, 4),
+        unit_stage=tuple(units["stage"]), unit_channel=np.array(units["channel"], dtype=np.int64),
+        unit_before=units_arr("before", -1), unit_after=units_arr("after", -1),
+        unit_before_box=units_arr("before_box", -1, 4), unit_after_box=units_arr("after_box", -1, 4),
         probe_images=(np.clip(np.asarray(dataset.x_test)[pidx], 0, 1) * 255).round().astype(np.uint8),
         runtime_s=time.time() - t_start,
-        model=model,
+        model=s.model,
     )
-    return result
-
-
-def _map_hw(prober: _Probe, g: int) -> tuple[int, int]:
-    return prober.map_hw[g]
 
 
 def _eval_head(head, f_te, y_te, batch_size, device, log, step, epoch, cbs) -> float:

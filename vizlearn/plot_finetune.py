@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from .plot import mosaic
+
 __all__ = [
     "drift_profile",
     "cka_profile",
@@ -112,16 +114,6 @@ def _filter_tiles(w: np.ndarray, scale: np.ndarray, centre: float = 0.5) -> np.n
     return np.clip(np.transpose(t, (0, 2, 3, 1)), 0, 1)
 
 
-def _mosaic(tiles: np.ndarray, ncols: int, gap: int = 1) -> np.ndarray:
-    n, h, w, c = tiles.shape
-    nrows = int(np.ceil(n / ncols))
-    out = np.ones((nrows * (h + gap) - gap, ncols * (w + gap) - gap, c), dtype=np.float32)
-    for i in range(n):
-        r, q = divmod(i, ncols)
-        out[r * (h + gap): r * (h + gap) + h, q * (w + gap): q * (w + gap) + w] = tiles[i]
-    return out
-
-
 def first_layer_filters(result, *, ncols: int = 8) -> Figure:
     """First conv filters: pretrained, fine-tuned (same per-filter colour scale), the difference
     amplified to full range, and 1 - cosine(before, after) per filter (zero filters masked)."""
@@ -144,7 +136,7 @@ def first_layer_filters(result, *, ncols: int = 8) -> Figure:
     for j, (tiles, title) in enumerate(((_filter_tiles(fb, scale), titles[0]), (_filter_tiles(fa, scale), titles[1]),
                                         (_filter_tiles(d, amp_scale), titles[2]))):
         ax = fig.add_subplot(gs[0, j])
-        ax.imshow(_mosaic(tiles, ncols), interpolation="nearest")
+        ax.imshow(mosaic(list(tiles), ncols=ncols), interpolation="nearest")
         k = fb.shape[-1]
         for i in np.flatnonzero(zero):
             r, q = divmod(int(i), ncols)
