@@ -132,6 +132,7 @@ def _run_cli(argv):
     (["report", "--images", "{tmp}/missing", "--out", "{tmp}"], "missing"),
     (["report", "--images", "{tmp}/empty", "--out", "{tmp}"], "empty"),
     (["report", "--k", "0"], "at least 1"),
+    (["report", "--experiments", "occlusoin", "--out", "{tmp}"], "unknown experiment"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
     (tmp_path / "empty").mkdir()

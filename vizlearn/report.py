@@ -81,7 +81,6 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
                methods: Sequence[str] = ("deconvnet", "guided"), quiet: bool = False, progress: bool = True) -> dict:
     """Run the whole report; returns the summary dict also written to ``results.json``."""
     from . import plot
-    from .images import to_display
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -91,6 +90,7 @@ def run_report(*, model: str | nn.Module | LoadedModel = "efficientnet_lite0", w
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods}")
+    _check_experiments(experiments)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeds random weights (weights=None), caller's RNG untouched
         torch.manual_seed(seed)
@@ -212,15 +212,19 @@ def _to_uint8(tiles: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, (valid * 255).astype(np.uint8)], axis=-1)
 
 
+def _check_experiments(experiments: Sequence[str]) -> None:
+    unknown = [name for name in experiments if name not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {sorted(EXPERIMENTS)}")
+
+
 def _run_experiments(experiments: Sequence[str], loaded: LoadedModel, photos, out: Path, figs: Figures, *,
                      quiet: bool) -> dict:
+    _check_experiments(experiments)
     done = {}
     for name in experiments:
-        runner = EXPERIMENTS.get(name)
-        if runner is None:
-            raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
         _progress(f"experiment: {name}", quiet)
-        done[name] = runner(loaded, photos, out, figs)
+        done[name] = EXPERIMENTS[name](loaded, photos, out, figs)
     return done
 
 
@@ -308,6 +312,7 @@ def run_experiments(names: Sequence[str], *, model="efficientnet_lite0", weights
                     device: str = "cpu") -> dict:
     """``vizlearn experiments``: run the named experiments alone; figures and numbers go to ``out/experiments``
     and an ``index.html`` to ``out``."""
+    _check_experiments(names)
     loaded = _load(model, weights, device)
     photos = sample_photos() if images is None else load_folder(images)[0]
     out = Path(out)
