@@ -22,7 +22,7 @@ from .topk import TopK
 
 __all__ = ["default_layers", "first_conv", "choose_filters", "effective_side", "feature_tiles", "FeatureTiles", "TILE"]
 
-# Known good layer choices: post-rectifier stage outputs spread from shallow to deep.
+# Known good layer choices: stage outputs spread from shallow to deep.
 _PRESETS = {
     # timm EfficientNet: `bn1.drop` / `bn2.drop` are the BatchNorm outputs just before ReLU6; after the
     # ReLU6 most top activations are clipped to exactly 6 and could not be ranked.
@@ -72,7 +72,7 @@ def _fit_tile(tile: np.ndarray, side: int) -> np.ndarray:
     h, w = tile.shape[:2]
     if max(h, w) <= side:
         return tile
-    shape = (round(h * side / max(h, w)), round(w * side / max(h, w)), tile.shape[2])
+    shape = _fit_shape((h, w), side) + (tile.shape[2],)
     pad = np.isnan(tile)
     img = resize(np.where(pad, 0.0, tile), shape, order=1, anti_aliasing=True, preserve_range=True)
     mask = resize(pad.astype(np.float32), shape, order=0, preserve_range=True) > 0.5
