@@ -174,3 +174,17 @@ def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
     assert "conv_stem" in rows and "bn2.drop" in rows
     assert "32x112x112" in rows["conv_stem"] and "3x3 (2)" in rows["conv_stem"]
     assert "40x28x28" in rows["blocks.2"] and "67x67 (8)" in rows["blocks.2"]
+
+
+def test_readme_python_snippet_runs_as_written():
+    """The README's Python API block is executed verbatim, so it cannot rot."""
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    block = block.replace("crops=8", "crops=2")  # the only setting changed: fewer images, same code path
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["top"].scores.shape == (40, 9)
+    assert scope["proj"].shape == (2, 3, 224, 224)
+    assert scope["acts"]["bn2"].shape == (4, 1280, 7, 7)
