@@ -154,7 +154,8 @@ def top_k(model, images, layers: str | Sequence[str], k: int = 9, *, batch_size:
     stream = _batches(images, model=model, batch_size=batch_size)
     if progress:
         from tqdm.auto import tqdm
-        stream = tqdm(stream, desc="top-k", unit="batch")
+        n = len(images) if torch.is_tensor(images) or hasattr(images, "names") else None
+        stream = tqdm(stream, desc="top-k", unit="batch", total=None if n is None else -(-n // batch_size))
 
     running: dict[str, _Running] = {}
     map_hw: dict[str, tuple[int, int]] = {}
