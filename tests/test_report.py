@@ -188,3 +188,11 @@ def test_readme_python_snippet_runs_as_written():
     assert scope["top"].scores.shape == (40, 9)
     assert scope["proj"].shape == (2, 3, 224, 224)
     assert scope["acts"]["bn2"].shape == (4, 1280, 7, 7)
+
+
+def test_cli_experiments_leave_the_report_index_alone(tmp_path):
+    (tmp_path / "index.html").write_text("the report's page")
+    assert main(["experiments", "layer1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "index.html").read_text() == "the report's page"
+    assert "layer1_health.png" in (tmp_path / "experiments.html").read_text()
+    assert (tmp_path / "experiments" / "layer1_health.png").exists()

@@ -223,7 +223,9 @@ def plot_sanity(result, *, image: int = 0) -> Figure:
 
     Top: mean SSIM and Spearman rank correlation (over the images, with min-max band) between the
     original projection and the projection after re-initialising the layers from the top down.
-    Bottom: the projection of image ``image`` at every step (grey = 0).
+    Bottom: the projection of image ``image`` at every step (grey = 0), all cut to the box around
+    the original projection's visible part (plus a margin), so that small projections of early
+    layers are not lost in a grey square.
     """
     ssim = np.asarray(result.ssim, dtype=float)
     rho = np.asarray(result.spearman, dtype=float)
@@ -248,9 +250,18 @@ def plot_sanity(result, *, image: int = 0) -> Figure:
     ax.set_title(f"Sanity check (cascading randomisation): {result.method}, layer {result.layer}, "
                  f"channel {result.channel}", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
+    dev = np.abs(projs[0, image] - 0.5)
+    dev = dev.max(-1) if dev.ndim == 3 else dev
+    rows, cols = np.nonzero(dev > 0.05)
+    if len(rows):
+        m = 8
+        y0, y1 = max(rows.min() - m, 0), min(rows.max() + m + 1, dev.shape[0])
+        x0, x1 = max(cols.min() - m, 0), min(cols.max() + m + 1, dev.shape[1])
+    else:
+        y0, y1, x0, x1 = 0, dev.shape[0], 0, dev.shape[1]
     for k in range(n_steps):
         a = fig.add_subplot(gs[1, k])
-        img = projs[k, image]
+        img = projs[k, image][y0:y1, x0:x1]
         a.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
         a.set_xticks([])
         a.set_yticks([])

@@ -56,15 +56,15 @@ class Figures:
         fig.savefig(self.out / name, dpi=110)
         self.items.append((name, caption))
 
-    def write_index(self, title: str, summary: str) -> Path:
+    def write_index(self, title: str, summary: str, name: str = "index.html") -> Path:
         parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
                  "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
                  "figure{margin:2em 0}figcaption{color:#333}</style>",
                  f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"]
-        for name, caption in self.items:
-            parts.append(f"<figure><img src='{html.escape(name)}'><figcaption>{html.escape(caption)}"
+        for file, caption in self.items:
+            parts.append(f"<figure><img src='{html.escape(file)}'><figcaption>{html.escape(caption)}"
                          "</figcaption></figure>")
-        path = self.out / "index.html"
+        path = self.out / name
         path.write_text("\n".join(parts), encoding="utf-8")
         return path
 
@@ -310,8 +310,9 @@ EXPERIMENTS: dict = {"occlusion": _exp_occlusion, "sanity": _exp_sanity, "invari
 def run_experiments(names: Sequence[str], *, model="efficientnet_lite0", weights="DEFAULT",
                     images: str | Path | None = None, out: str | Path = "figures/experiments",
                     device: str = "cpu") -> dict:
-    """``vizlearn experiments``: run the named experiments alone; figures and numbers go to ``out/experiments``
-    and an ``index.html`` to ``out``."""
+    """``vizlearn experiments``: run the named experiments alone; figures and numbers go to ``out/experiments``,
+    a page to ``out/experiments.html`` and the summary to ``out/experiments.json`` (the report's
+    ``index.html`` in the same folder is left alone)."""
     _check_experiments(names)
     loaded = _load(model, weights, device)
     photos = sample_photos() if images is None else load_folder(images)[0]
@@ -320,7 +321,7 @@ def run_experiments(names: Sequence[str], *, model="efficientnet_lite0", weights
     figs = Figures(out)
     done = _run_experiments(names, loaded, photos, out, figs, quiet=False)
     (out / "experiments.json").write_text(json.dumps(done, indent=1, default=float), encoding="utf-8")
-    figs.write_index(f"vizlearn experiments: {loaded.name}", ", ".join(names))
+    figs.write_index(f"vizlearn experiments: {loaded.name}", ", ".join(names), name="experiments.html")
     return done
 
 

@@ -210,6 +210,7 @@ def sanity_check(model, images, layer: str, *, channel: int | None = None, metho
         ssims.append([s for s, _ in sims])
         rhos.append([r for _, r in sims])
         names.append(labels[k - 1])
-    disp = np.stack([np.stack([np.asarray(display_projection(q), dtype=np.float32) for q in p]) for p in projs])
+    disp = np.stack([np.stack([np.asarray(display_projection(q, percentile=99.5), dtype=np.float32) for q in p])
+                     for p in projs])
     return SanityResult(ref.key, channel, method, tuple(names), np.asarray(ssims, dtype=np.float64),
                         np.asarray(rhos, dtype=np.float64), disp)
