@@ -74,13 +74,9 @@ def _split(images, labels, *, test_fraction: float, seed: int):
 
 def _resize_gray(images: np.ndarray, size: int) -> np.ndarray:
     """(N, h, w) in [0, 1] -> (N, size, size, 3) float32, bilinear."""
-    import torch
-    import torch.nn.functional as F
+    from .images import resize_batch
 
-    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    out = t.clamp(0, 1)[:, 0].numpy()
-    return np.repeat(out[..., None], 3, axis=-1).astype(np.float32)
+    return np.repeat(resize_batch(images[..., None], size), 3, axis=-1)
 
 
 def digits(size: int = 64, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
@@ -109,16 +105,13 @@ def lfw(size: int = 64, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset
 
 
 def _square_resize(img: np.ndarray, size: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
+    """Centre-crop to a square, then resize to ``size`` (:func:`vizlearn.images.resize_batch`)."""
+    from .images import resize_batch
 
     h, w = img.shape[:2]
     s = min(h, w)
     y0, x0 = (h - s) // 2, (w - s) // 2
-    img = img[y0 : y0 + s, x0 : x0 + s]
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    return resize_batch(img[None, y0 : y0 + s, x0 : x0 + s], size)[0]
 
 
 def image_folder(path, size: int = 64, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:

@@ -279,12 +279,17 @@ class ImageSet:
         return int(self.images.shape[1])
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    """HWC float -> (size, size, 3), bilinear with antialiasing, clipped to [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, h, w, C) float -> (N, size, size, C) float32, bilinear with antialiasing, clipped to [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    return t.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    """HWC float -> (size, size, C), as :func:`resize_batch`."""
+    return resize_batch(img[None], size)[0]
 
 
 def _normalise_photos(photos) -> tuple[list[tuple[str, np.ndarray]], tuple[str, ...]]:
