@@ -10,6 +10,8 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from ._display import signed_display
+
 __all__ = ["plot_occlusion", "plot_invariance", "plot_evolution", "plot_evolution_settle",
            "plot_correspondence", "plot_layer1_health", "signed_to_display"]
 
@@ -20,18 +22,7 @@ _XLABEL = {"translate": "vertical shift (pixels, + = down)", "scale": "scale fac
 def signed_to_display(p: np.ndarray, *, clip: float | None = None) -> np.ndarray:
     """Signed (H, W[, C]) array -> [0, 1] with 0 at mid-grey, largest |value| at 0 or 1
     (``clip``: the given percentile of |value| maps to 0 / 1 instead, values beyond saturate)."""
-    p = np.asarray(p, dtype=np.float64)
-    if not p.size:
-        m = 0.0
-    elif clip is None:
-        m = np.nanmax(np.abs(p))
-    else:
-        m = np.nanpercentile(np.abs(p), clip)
-    out = 0.5 + 0.5 * p / m if m > 0 else np.full_like(p, 0.5)
-    out = np.clip(out, 0, 1)
-    if out.ndim == 3 and out.shape[2] == 1:
-        out = out[:, :, 0]
-    return out
+    return signed_display(p, percentile=100.0 if clip is None else clip)
 
 
 def _short(name: str, n: int = 20) -> str:

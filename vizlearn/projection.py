@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._display import signed_display
 from .capture import run_to_layer, select_output
 from .layers import module_device, unwrap_model
 from .state import analysis_mode
@@ -516,8 +517,4 @@ def display_projection(proj, *, eps: float = 1e-8, percentile: float = 100.0) ->
         p = p[0]
     if p.ndim != 3:
         raise ValueError(f"expected a projection (C, H, W) or (N, C, H, W), got shape {p.shape}")
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    scale = max(float(np.nanpercentile(np.abs(p), percentile)) if p.size else 0.0, eps)
-    img = np.clip(0.5 + 0.5 * p / scale, 0.0, 1.0).transpose(1, 2, 0).astype(np.float32)
-    return img[..., 0] if img.shape[2] == 1 else img
+    return signed_display(p.transpose(1, 2, 0), percentile=percentile, eps=eps).astype(np.float32)
