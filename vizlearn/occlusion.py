@@ -34,6 +34,7 @@ from torch import nn
 
 from ._results import load_dataclass, save_dataclass
 from .capture import capture, select_output
+from .images import to_tensor
 from .layers import module_device, resolve_layer, unwrap_model
 from .state import analysis_mode
 
@@ -74,9 +75,7 @@ def _pixel_input(a: np.ndarray, model, mean, std):
         raise ValueError("image contains NaN or infinite values")
     a = np.ascontiguousarray(a, dtype=np.float32)
     mean, std = _mean_std(model, mean, std, a.shape[-1])
-    x = (torch.from_numpy(a).permute(0, 3, 1, 2) - torch.tensor(mean).view(1, -1, 1, 1)) \
-        / torch.tensor(std).view(1, -1, 1, 1)
-    return x.contiguous(), a, mean, std
+    return to_tensor(a, mean=mean, std=std), a, mean, std
 
 
 def _pixel_fill(fill, channels: int, mean, std):
